@@ -1,0 +1,104 @@
+"""Broadcast relay on picows (Cython WebSocket library) and uvloop.
+
+picows hands every frame to a listener callback; for each complete data
+message the relay loops over the room's transports and calls send(), which
+copies the payload into each transport's own write buffer.
+"""
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import uvloop
+from picows import WSListener, WSMsgType, WSTransport, ws_create_server
+
+from _common import announce, parse_args, raise_nofile_limit, room_of
+
+TEXT = WSMsgType.TEXT
+BINARY = WSMsgType.BINARY
+CONTINUATION = WSMsgType.CONTINUATION
+CLOSE = WSMsgType.CLOSE
+
+# path -> {transport: None}; a dict keeps insertion order and O(1) removal.
+rooms: dict[str, dict[WSTransport, None]] = {}
+
+
+class RelayListener(WSListener):
+    __slots__ = ("path", "members", "frag_type", "frag_parts")
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.members: dict[WSTransport, None] | None = None
+        # Fragmented messages are reassembled so that members receive the
+        # same message; picows delivers frames, not messages.
+        self.frag_type = None
+        self.frag_parts: list[bytes] = []
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        members = rooms.get(self.path)
+        if members is None:
+            members = rooms[self.path] = {}
+        members[transport] = None
+        self.members = members
+
+    def on_ws_frame(self, transport: WSTransport, frame) -> None:
+        msg_type = frame.msg_type
+        if msg_type is TEXT or msg_type is BINARY:
+            if frame.fin:
+                # send() copies the payload, so the memoryview into picows'
+                # read buffer is only used while it is valid.
+                payload = frame.get_payload_as_memoryview()
+                for member in self.members:
+                    member.send(msg_type, payload)
+            else:
+                self.frag_type = msg_type
+                self.frag_parts = [frame.get_payload_as_bytes()]
+        elif msg_type is CONTINUATION:
+            if self.frag_type is None:
+                transport.send_close(1002)
+                transport.disconnect()
+                return
+            self.frag_parts.append(frame.get_payload_as_bytes())
+            if frame.fin:
+                payload = b"".join(self.frag_parts)
+                msg_type = self.frag_type
+                self.frag_type = None
+                self.frag_parts = []
+                for member in self.members:
+                    member.send(msg_type, payload)
+        elif msg_type is CLOSE:
+            transport.send_close(frame.get_close_code(), frame.get_close_message())
+            transport.disconnect()
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        members = self.members
+        if members is not None:
+            members.pop(transport, None)
+            if not members:
+                rooms.pop(self.path, None)
+            self.members = None
+
+
+def listener_factory(request) -> RelayListener:
+    return RelayListener(room_of(request.path.decode("latin-1")))
+
+
+async def main() -> None:
+    args = parse_args(__doc__)
+    raise_nofile_limit()
+    loop = asyncio.get_running_loop()
+    stop = loop.create_future()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+    server = await ws_create_server(listener_factory, args.host, args.port,
+                                    backlog=1024)
+    port = server.sockets[0].getsockname()[1]
+    announce(args.host, port)
+    try:
+        await stop
+    finally:
+        server.close()
+
+
+if __name__ == "__main__":
+    uvloop.run(main())

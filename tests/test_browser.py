@@ -1,0 +1,391 @@
+"""The browser demo (example/index.html) in real headless Chromium against a
+real fastrelay process.
+
+Needs Debian's chromium at /usr/bin/chromium and the playwright python
+package (driver only, no browser download): `.ci/install-browser.sh` installs
+both. Without them these tests are skipped, except under CI (CI=true) where a
+missing browser is a failure, so that a green run cannot hide it.
+
+FASTRELAY_CMD (optional) replaces `python -m fastrelay` as the server command,
+e.g. to run the page against another build; it gets `--config-file FILE`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+LISTENING = re.compile(r"fastrelay listening on (wss?)://(\[[^\]]+\]|[^:/\s]+):(\d+)/")
+START_TIMEOUT = 30.0    # seconds for the server to print its listening line
+STOP_TIMEOUT = 20.0     # SIGTERM -> exit (the graceful shutdown waits up to 10 s)
+OPEN_MS = 10_000        # page reaches "open"
+SEE_MS = 10_000         # a message shows up in a page
+RECONNECT_MS = 45_000   # page is back after a server restart (backoff with jitter)
+
+os.environ.setdefault("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
+
+try:
+    from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=SEE_MS)
+except ImportError:  # pragma: no cover - depends on the machine
+    sync_playwright = None
+
+
+def _missing_browser(reason: str):
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"{reason}: run .ci/install-browser.sh before the tests", pytrace=False)
+    pytest.skip(f"{reason} (run .ci/install-browser.sh)")
+
+
+# --------------------------------------------------------------------------
+# a real fastrelay process
+
+
+class Relay:
+    """`python -m fastrelay --config-file <tmp yaml>` serving the demo page."""
+
+    def __init__(self, workdir: Path, port: int = 0, name: str = "relay"):
+        self.workdir = workdir
+        self.name = name
+        config = workdir / f"{name}.yaml"
+        config.write_text(
+            "server:\n"
+            "  host: 127.0.0.1\n"
+            f"  port: {port}\n"
+            "metrics:\n"
+            "  enabled: false\n"
+            "relay:\n"
+            "  serve_demo: true\n"
+        )
+        cmd = shlex.split(os.environ.get("FASTRELAY_CMD", "")) or [sys.executable, "-m", "fastrelay"]
+        self.stderr_path = workdir / f"{name}.stderr"
+        self._stderr = open(self.stderr_path, "wb")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [*cmd, "--config-file", str(config)],
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+        )
+        self.stdout_lines: list[str] = []
+        self._lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+        self.port = self._wait_listening()
+        self.http_url = f"http://127.0.0.1:{self.port}/"
+        self.ws_url = f"ws://127.0.0.1:{self.port}/"
+
+    def _pump(self):
+        # Reads stdout to the end so the server can never block on a full pipe.
+        for line in self.proc.stdout:
+            self.stdout_lines.append(line)
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def output(self) -> str:
+        self._stderr.flush()
+        return (
+            f"--- {self.name} stdout ---\n{''.join(self.stdout_lines)}"
+            f"--- {self.name} stderr ---\n{self.stderr_path.read_text(errors='replace')}"
+        )
+
+    def _wait_listening(self) -> int:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.kill()
+                pytest.fail(f"{self.name} printed no listening line in {START_TIMEOUT}s\n{self.output()}")
+            try:
+                line = self._lines.get(timeout=left)
+            except queue.Empty:
+                continue
+            if line is None:
+                code = self.proc.wait()
+                pytest.fail(f"{self.name} exited ({code}) before listening\n{self.output()}")
+            m = LISTENING.search(line)
+            if m:
+                return int(m.group(3))
+
+    def stop(self) -> int:
+        """SIGTERM, then wait for the exit; returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"{self.name} still running {STOP_TIMEOUT}s after SIGTERM\n{self.output()}")
+        self._stderr.close()
+        return code
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if not self._stderr.closed:
+            self._stderr.close()
+
+
+@pytest.fixture
+def relays(tmp_path):
+    """Starts relays on demand; whatever is still running at the end is killed."""
+    started: list[Relay] = []
+
+    def start(port: int = 0) -> Relay:
+        relay = Relay(tmp_path, port=port, name=f"relay{len(started) + 1}")
+        started.append(relay)
+        return relay
+
+    yield start
+    for relay in started:
+        relay.kill()
+
+
+# --------------------------------------------------------------------------
+# the browser
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if sync_playwright is None:
+        _missing_browser("the playwright python package is not installed")
+    if not os.access(CHROMIUM, os.X_OK):
+        _missing_browser(f"{CHROMIUM} is missing")
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture
+def open_page(browser):
+    """open_page(url) -> a page in its own context (its own 'tab' and storage).
+
+    Uncaught page errors fail the test at teardown."""
+    contexts = []
+    errors: list[str] = []
+
+    def open_(url: str):
+        ctx = browser.new_context(viewport={"width": 900, "height": 720})
+        contexts.append(ctx)
+        page = ctx.new_page()
+        page.set_default_timeout(SEE_MS)
+        page.on("pageerror", lambda exc: errors.append(f"{url}: {exc}"))
+        page.goto(url)
+        return page
+
+    yield open_
+    for ctx in contexts:
+        ctx.close()
+    assert not errors, f"uncaught errors in the page: {errors}"
+
+
+def join(page, room: str, nick: str):
+    page.fill("#room", room)
+    page.fill("#nick", nick)
+    page.click("#connect")
+    expect(page.locator("#state")).to_have_attribute("data-state", "open", timeout=OPEN_MS)
+    expect(page.locator("#state")).to_have_text("open")
+
+
+def say(page, text: str):
+    page.fill("#text", text)
+    page.press("#text", "Enter")
+    expect(page.locator("#text")).to_have_value("")
+
+
+def chat(page, token: str):
+    """The chat entries of `page` whose text contains `token`."""
+    return page.locator("#messages li.chat").filter(has_text=token)
+
+
+def sees(page, token: str, nick: str | None = None, text: str | None = None):
+    entry = chat(page, token)
+    expect(entry).to_have_count(1, timeout=SEE_MS)
+    if nick is not None:
+        expect(entry.locator(".nick")).to_have_text(nick)
+    if text is not None:
+        assert entry.locator(".text").text_content() == text
+
+
+# --------------------------------------------------------------------------
+# tests
+
+
+@pytest.mark.timeout(120)
+def test_two_tabs_chat_rooms_injection_and_restart(relays, open_page):
+    relay = relays()
+    port = relay.port
+
+    alice = open_page(relay.http_url)
+    bob = open_page(relay.http_url)
+    carol = open_page(relay.http_url)
+    # Served by the relay, the page points at the relay itself.
+    expect(alice.locator("#url")).to_have_value(f"ws://127.0.0.1:{port}/")
+    expect(alice.locator("#state")).to_have_attribute("data-state", "closed")
+
+    join(alice, "/lobby", "alice")
+    join(bob, "/lobby", "bob")
+    join(carol, "/elsewhere", "carol")
+
+    # Two tabs in the same room see each other (and themselves).
+    say(alice, "hello from alice #a1")
+    say(bob, "hi alice, bob here #b1")
+    for page in (alice, bob):
+        sees(page, "#a1", nick="alice", text="hello from alice #a1")
+        sees(page, "#b1", nick="bob", text="hi alice, bob here #b1")
+
+    # Another room hears nothing of it, and the lobby nothing of it.  Each
+    # side's own echo is the barrier: the relay writes a member's frames in
+    # order, so anything misrouted would have arrived before it.
+    say(carol, "anyone here? #c1")
+    sees(carol, "#c1", nick="carol")
+    expect(carol.locator("#messages li.chat")).to_have_count(1)
+    say(alice, "still in the lobby #a2")
+    sees(bob, "#a2")
+    sees(alice, "#a2")
+    for page in (alice, bob):
+        expect(chat(page, "#c1")).to_have_count(0)
+    expect(chat(carol, "#a2")).to_have_count(0)
+
+    # HTML from other users is shown as text, never parsed.
+    payload = '<img src=x onerror="window.__pwned=1"> <b>bold?</b> #x1'
+    say(bob, payload)
+    for page in (alice, bob):
+        sees(page, "#x1", nick="bob", text=payload)
+        assert page.locator("#messages img, #messages b").count() == 0
+    for page in (alice, bob, carol):
+        assert page.evaluate("typeof window.__pwned") == "undefined"
+
+    # The server goes away: the pages say so and retry with backoff.
+    code = relay.stop()
+    assert code == 0, f"fastrelay exited {code} on SIGTERM\n{relay.output()}"
+    for page in (alice, bob, carol):
+        expect(page.locator("#state")).to_have_attribute("data-state", "reconnecting", timeout=SEE_MS)
+        expect(page.locator("#state")).to_have_text(re.compile(r"^reconnecting in \d+s$"))
+        expect(page.locator("#messages li.system").filter(has_text="disconnected (")).to_have_count(1)
+        expect(page.locator("#send")).to_be_disabled()
+
+    # A new server on the same port: the pages rejoin their rooms by themselves.
+    relay2 = relays(port=port)
+    assert relay2.port == port
+    for page in (alice, bob, carol):
+        expect(page.locator("#state")).to_have_attribute("data-state", "open", timeout=RECONNECT_MS)
+        expect(page.locator("#messages li.system").filter(has_text="reconnected to ")).to_have_count(1)
+
+    say(bob, "back again #b2")
+    say(alice, "welcome back #a3")
+    for page in (alice, bob):
+        sees(page, "#b2", nick="bob")
+        sees(page, "#a3", nick="alice")
+    say(carol, "me too #c2")
+    sees(carol, "#c2")
+    for page in (alice, bob):
+        expect(chat(page, "#c2")).to_have_count(0)
+    expect(chat(carol, "#a3")).to_have_count(0)
+    expect(chat(carol, "#b2")).to_have_count(0)
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    alice.screenshot(path=str(ARTIFACTS / "browser-chat.png"))
+
+    assert relay2.stop() == 0, relay2.output()
+
+
+@pytest.mark.timeout(120)
+def test_page_shows_foreign_frames_and_sends_the_documented_shape(relays, open_page):
+    from websockets.sync.client import connect
+
+    relay = relays()
+    page = open_page(relay.http_url)
+    join(page, "/odd", "dora")
+
+    with connect(relay.ws_url + "odd", open_timeout=10, close_timeout=5) as peer:
+        peer.send("plain words, not JSON #t1")
+        peer.send('{"foo": 1, "tag": "#t2"}')
+        peer.send('["#t3", 2]')
+        peer.send('{"nick": 5, "text": "wrong nick type #t4"}')
+        peer.send(b"\x00\x01\x02\xff binary!")  # 12 bytes
+        peer.send(json.dumps({"nick": "<i>mallory</i>", "text": "<script>window.__pwned=2</script> #t5",
+                              "ts": 1_700_000_000_000}))
+        peer.send(json.dumps({"text": "no nick, no ts #t6"}))
+
+        raw = page.locator("#messages li.raw")
+        expect(raw.filter(has_text="#t1")).to_contain_text("[text]")
+        expect(raw.filter(has_text="#t2")).to_contain_text("[json]")
+        expect(raw.filter(has_text="#t3")).to_have_count(1)
+        expect(raw.filter(has_text="#t4")).to_have_count(1)
+        expect(raw.filter(has_text="[binary 12 bytes]")).to_have_count(1)
+        sees(page, "#t5", nick="<i>mallory</i>", text="<script>window.__pwned=2</script> #t5")
+        sees(page, "#t6", nick="anonymous", text="no nick, no ts #t6")
+        assert page.locator("#messages i, #messages script").count() == 0
+        assert page.evaluate("typeof window.__pwned") == "undefined"
+
+        # The page still works, and what it sends is the documented frame:
+        # one JSON text frame {"nick", "text", "ts": <ms epoch>}.
+        before = time.time() * 1000
+        say(page, "all fine #t7")
+        sees(page, "#t7", nick="dora")
+        deadline = time.monotonic() + 10
+        frame = None
+        while time.monotonic() < deadline:
+            msg = peer.recv(timeout=max(0.1, deadline - time.monotonic()))
+            if isinstance(msg, str) and "#t7" in msg:
+                frame = msg
+                break
+        assert frame is not None, "the page's message did not reach the other client"
+        data = json.loads(frame)
+        assert set(data) == {"nick", "text", "ts"}
+        assert data["nick"] == "dora" and data["text"] == "all fine #t7"
+        assert isinstance(data["ts"], int) and before - 5_000 <= data["ts"] <= time.time() * 1000 + 5_000
+
+    expect(page.locator("#state")).to_have_attribute("data-state", "open")
+    relay.stop()
+
+
+@pytest.mark.timeout(60)
+def test_relay_serves_the_page_on_any_path(relays, open_page):
+    relay = relays()
+    page = open_page(relay.http_url)
+    # goto() returned: check what came back for another path too.
+    response = page.goto(relay.http_url + "team-room?x=1")
+    assert response is not None and response.status == 200
+    assert response.headers.get("content-type", "").startswith("text/html")
+    expect(page.locator("#url")).to_have_value(relay.ws_url)
+    # Opened on a path, the page offers that path as the room.
+    expect(page.locator("#room")).to_have_value("/team-room")
+    page.click("#connect")
+    expect(page.locator("#state")).to_have_attribute("data-state", "open", timeout=OPEN_MS)
+    # The user leaves: closed, and no reconnecting.
+    page.click("#connect")
+    expect(page.locator("#state")).to_have_attribute("data-state", "closed")
+    expect(page.locator("#state")).to_have_text("closed")
+    relay.stop()

@@ -294,7 +294,7 @@ cdef int utf8_feed(uint32_t *state, const uint8_t *s, size_t n) noexcept nogil:
             pending -= 1
             lo = 0x80
             hi = 0xBF
-    state[0] = pending | (lo << 8) | (hi << 16)
+    state[0] = pending | (lo << 8) | (hi << 16) if pending else UTF8_ACCEPT
     return 0
 
 

@@ -100,11 +100,15 @@ def _tokens(value: str) -> set[str]:
 def _looks_like_http(data: bytes) -> bool:
     """Reject early what cannot become a request line: a TLS ClientHello or
     other binary on the plain port should not wait for a terminator."""
-    first_line = data.split(b"\r\n", 1)[0]
+    first_line = data.split(b"\r", 1)[0]
     method = first_line.split(b" ", 1)[0]
     if not all(c in _TOKEN_CHARS for c in method):
         return False
-    return all(0x20 <= c < 0x7F for c in first_line)
+    return not _has_controls(first_line.decode("latin-1"))
+
+
+def _has_controls(text: str) -> bool:
+    return any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
 
 
 def parse_request(data: bytes | memoryview, scan_from: int, limits: Limits) -> Incomplete | Accept | Refuse | PlainGet:
@@ -136,7 +140,7 @@ def parse_request(data: bytes | memoryview, scan_from: int, limits: Limits) -> I
 def _decide(head: str, consumed: int, limits: Limits) -> Accept | Refuse | PlainGet:
     request_line, *header_lines = head.split("\r\n")
     parts = request_line.split(" ")
-    if len(parts) != 3 or not parts[0] or not all(ord(c) in _TOKEN_CHARS for c in parts[0]):
+    if _has_controls(request_line) or len(parts) != 3 or not parts[0] or not all(ord(c) in _TOKEN_CHARS for c in parts[0]):
         return refuse("bad_request", "malformed request line")
     method, target, version = parts
     if not version.startswith("HTTP/") or version[5:] not in ("1.0", "1.1"):
@@ -163,7 +167,9 @@ def _decide(head: str, consumed: int, limits: Limits) -> Accept | Refuse | Plain
         return refuse("bad_request", "request target must be a path")
     path = target.split("?", 1)[0]
     try:
-        room = unquote_to_bytes(path).decode("utf-8")
+        # Raw bytes above 0x7F (sent unencoded by some clients) and %XX
+        # escapes both decode to the same UTF-8 room name.
+        room = unquote_to_bytes(path.encode("latin-1")).decode("utf-8")
     except UnicodeDecodeError:
         return refuse("bad_request", "path is not valid UTF-8 after percent-decoding")
 

@@ -1,0 +1,113 @@
+"""A deliberately small, independent WebSocket client over a blocking
+socket, for what a well-behaved client cannot send. Every read is bounded
+by the socket timeout."""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+import struct
+
+TIMEOUT = 10.0
+
+
+def handshake_request(path: str = "/", key: str | None = None, extra: str = "") -> bytes:
+    key = key or base64.b64encode(os.urandom(16)).decode()
+    return (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            f"Sec-WebSocket-Version: 13\r\n{extra}\r\n").encode()
+
+
+def frame(opcode: int, payload: bytes = b"", *, fin: bool = True, rsv: int = 0,
+          mask: bool = True, key: bytes | None = None) -> bytes:
+    first = (0x80 if fin else 0) | (rsv << 4) | opcode
+    n = len(payload)
+    mbit = 0x80 if mask else 0
+    if n < 126:
+        head = struct.pack("!BB", first, mbit | n)
+    elif n < 65536:
+        head = struct.pack("!BBH", first, mbit | 126, n)
+    else:
+        head = struct.pack("!BBQ", first, mbit | 127, n)
+    if not mask:
+        return head + payload
+    key = key if key is not None else os.urandom(4)
+    masked = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+    return head + key + masked
+
+
+def close_payload(code: int, reason: bytes = b"") -> bytes:
+    return struct.pack("!H", code) + reason
+
+
+class RawClient:
+    def __init__(self, port: int, path: str = "/", *, handshake: bool = True) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        self.buf = b""
+        if handshake:
+            self.sock.sendall(handshake_request(path))
+            status = self.read_http_head().split(b"\r\n", 1)[0]
+            assert status == b"HTTP/1.1 101 Switching Protocols", status
+
+    def read_http_head(self) -> bytes:
+        while b"\r\n\r\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"EOF before end of HTTP head: {self.buf!r}")
+            self.buf += chunk
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        return head
+
+    def read_http_response(self) -> tuple[int, bytes, bytes]:
+        """Status, head, and the body (read to EOF: the relay closes)."""
+        head = self.read_http_head()
+        body = self.buf + self.read_to_eof()
+        self.buf = b""
+        return int(head.split(b" ", 2)[1]), head, body
+
+    def read_to_eof(self) -> bytes:
+        out = b""
+        while True:
+            try:
+                chunk = self.sock.recv(65536)
+            except ConnectionResetError:
+                return out
+            if not chunk:
+                return out
+            out += chunk
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _read_exact(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("EOF inside a frame")
+            self.buf += chunk
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def recv_frame(self) -> tuple[bool, int, bytes]:
+        b0, b1 = self._read_exact(2)
+        assert not b1 & 0x80, "server frames must not be masked"
+        assert not b0 & 0x70, "server frames must not set reserved bits"
+        n = b1 & 0x7F
+        if n == 126:
+            (n,) = struct.unpack("!H", self._read_exact(2))
+        elif n == 127:
+            (n,) = struct.unpack("!Q", self._read_exact(8))
+        return bool(b0 & 0x80), b0 & 0x0F, self._read_exact(n)
+
+    def expect_close(self) -> tuple[int, bytes]:
+        """Next frame must be a close; returns (code, reason) and checks the
+        server then closes the TCP connection."""
+        fin, opcode, payload = self.recv_frame()
+        assert opcode == 0x8, (opcode, payload)
+        code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005
+        assert self.buf + self.read_to_eof() == b""
+        return code, payload[2:]
+
+    def close(self) -> None:
+        self.sock.close()

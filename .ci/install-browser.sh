@@ -29,4 +29,4 @@ else
     echo "install-browser: playwright python package present" >&2
 fi
 
-/usr/bin/chromium --version 2>/dev/null >&2 || true
+/usr/bin/chromium --version >&2 2>/dev/null || true

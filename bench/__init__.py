@@ -1,0 +1,1 @@
+"""Throughput benchmark for fastrelay; run `python bench/run.py --help`."""

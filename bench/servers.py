@@ -1,0 +1,210 @@
+"""Starting and stopping the servers under test.
+
+A server is a command line; the harness starts it, pinned to the server CPU,
+waits for its "listening on ws://HOST:PORT/" line on stdout (no sleeps), and
+stops it by PID in a finally block: SIGTERM, then SIGKILL after a timeout.
+Only processes started here are ever signalled.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import re
+import resource
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEERS = os.path.join(ROOT, "bench", "peers")
+READY_RE = re.compile(r"listening on ws://(\[[^\]]+\]|[^\s:/]+):(\d+)")
+
+
+@dataclass
+class ServerSpec:
+    name: str
+    # Builds the argv for a port; may create temporary files, listed in
+    # the returned cleanup paths.
+    kind: str                         # "fastrelay", "peer" or "command"
+    template: str = ""                # peer script or command template
+    port_zero: bool = True            # server accepts port 0 and prints the real port
+    note: str = ""
+
+    def argv(self, port: int, tmpdir: str) -> list[str]:
+        if self.kind == "peer":
+            return [sys.executable, os.path.join(PEERS, self.template),
+                    "--host", "127.0.0.1", "--port", str(port)]
+        if self.kind == "fastrelay":
+            path = os.path.join(tmpdir, "fastrelay-bench-%d.yaml" % port)
+            with open(path, "w") as f:
+                f.write("server:\n  host: 127.0.0.1\n  port: %d\n"
+                        "metrics:\n  enabled: false\n"
+                        "logging:\n  level: warn\n" % port)
+            return [sys.executable, "-m", "fastrelay", "--config-file", path]
+        return shlex.split(self.template.replace("{port}", str(port)))
+
+
+BUILTIN = {
+    "fastrelay": ServerSpec("fastrelay", "fastrelay"),
+    "websockets": ServerSpec("websockets", "peer", "websockets_relay.py"),
+    "picows": ServerSpec("picows", "peer", "picows_relay.py"),
+    "aiohttp": ServerSpec("aiohttp", "peer", "aiohttp_relay.py"),
+}
+
+
+def fastrelay_available() -> Optional[str]:
+    """None if `python -m fastrelay` can be expected to work, else why not."""
+    r = subprocess.run([sys.executable, "-c", "import fastrelay.server"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        lines = (r.stderr or r.stdout).strip().splitlines()
+        return lines[-1] if lines else "import fastrelay.server failed"
+    return None
+
+
+def free_port() -> int:
+    # Only for commands that cannot take port 0: a small window in which
+    # another process could grab the port, acceptable on a benchmark box.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _preexec(cpu: Optional[int]):
+    def fn() -> None:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})
+    return fn
+
+
+class ServerError(Exception):
+    pass
+
+
+@dataclass
+class ServerProcess:
+    spec: ServerSpec
+    cpu: Optional[int]
+    proc: Optional[subprocess.Popen] = None
+    port: int = 0
+    stdout_tail: deque = field(default_factory=lambda: deque(maxlen=40))
+    stderr_path: str = ""
+    _tmpdir: Optional[tempfile.TemporaryDirectory] = None
+    last_stderr: list = field(default_factory=list)
+
+    def start(self, timeout: float = 60.0) -> "ServerProcess":
+        self._tmpdir = tempfile.TemporaryDirectory(prefix="fastrelay-bench-")
+        port = 0 if self.spec.port_zero else free_port()
+        try:
+            self._launch(port, timeout)
+        except ServerError:
+            if port != 0 or self.spec.kind != "fastrelay":
+                raise
+            # A config validator may refuse port 0; retry on a chosen port.
+            self.stop()
+            self._launch(free_port(), timeout)
+        return self
+
+    def _launch(self, port: int, timeout: float) -> None:
+        argv = self.spec.argv(port, self._tmpdir.name)
+        self.stderr_path = os.path.join(self._tmpdir.name, "stderr-%d.log" % port)
+        err = open(self.stderr_path, "wb")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        try:
+            self.proc = subprocess.Popen(
+                argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=err, preexec_fn=_preexec(self.cpu),
+                # Own session: a Ctrl-C on the terminal reaches the harness
+                # only, which then stops its servers in order.
+                start_new_session=True)
+        except OSError as exc:
+            raise ServerError("%s: cannot start %r: %s" % (self.spec.name, argv, exc)) from exc
+        finally:
+            err.close()
+        lines: queue.Queue = queue.Queue()
+
+        def pump(stream, tail: deque) -> None:
+            # Keeps reading stdout for the server's whole life so that a
+            # chatty server never blocks on a full pipe.
+            for raw in stream:
+                line = raw.decode("utf-8", "replace").rstrip("\n")
+                tail.append(line)
+                lines.put(line)
+            lines.put(None)
+
+        threading.Thread(target=pump, args=(self.proc.stdout, self.stdout_tail),
+                         daemon=True).start()
+        while True:
+            try:
+                line = lines.get(timeout=timeout)
+            except queue.Empty:
+                raise ServerError("%s: no 'listening on ws://...' line within %.0fs%s"
+                                  % (self.spec.name, timeout, self._diag())) from None
+            if line is None:
+                self.proc.wait(10)
+                raise ServerError("%s exited with code %s before listening%s"
+                                  % (self.spec.name, self.proc.returncode, self._diag()))
+            m = READY_RE.search(line)
+            if m:
+                self.port = int(m.group(2))
+                if self.port == 0:
+                    raise ServerError("%s printed port 0: %r" % (self.spec.name, line))
+                return
+
+    def _diag(self) -> str:
+        out = list(self.stdout_tail)[-5:]
+        try:
+            with open(self.stderr_path, "rb") as f:
+                err = f.read()[-2000:].decode("utf-8", "replace").strip().splitlines()[-8:]
+        except OSError:
+            err = []
+        parts = []
+        if out:
+            parts.append("stdout: " + " | ".join(out))
+        if err:
+            parts.append("stderr: " + " | ".join(err))
+        return ("\n    " + "\n    ".join(parts)) if parts else ""
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stderr_tail(self, n: int = 8) -> list[str]:
+        try:
+            with open(self.stderr_path, "rb") as f:
+                return f.read()[-4000:].decode("utf-8", "replace").strip().splitlines()[-n:]
+        except OSError:
+            return []
+
+    def stop(self, timeout: float = 15.0) -> Optional[int]:
+        proc, self.proc = self.proc, None
+        rc = None
+        if proc is not None:
+            if proc.poll() is None:
+                try:
+                    proc.send_signal(signal.SIGTERM)
+                    rc = proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    rc = proc.wait(10)
+            else:
+                rc = proc.returncode
+        self.last_stderr = self.stderr_tail()
+        if self._tmpdir is not None:
+            self._tmpdir.cleanup()
+            self._tmpdir = None
+        return rc

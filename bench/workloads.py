@@ -1,0 +1,309 @@
+"""The four workloads. Each runs against one freshly started server and
+returns a dict of measurements plus its own verification verdict."""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from . import wire
+from .loadgen import (FRAME, Member, Room, Sender, SpotCheck, close_members,
+                      connect_members)
+from .servers import ServerProcess
+
+try:
+    import psutil
+except ImportError:  # pragma: no cover
+    psutil = None
+
+HOST = "127.0.0.1"
+
+
+@dataclass
+class Settings:
+    duration: float = 3.0       # measured seconds per run
+    warmup: float = 1.0         # seconds of load before measuring
+    window: int = 64            # un-echoed messages per sender (fan-out)
+    window_rooms: int = 16      # same, many-small-rooms workload
+    lag_limit: int = 0          # 0: derived from window and senders
+    concurrency: int = 100      # handshakes in flight while connecting
+    spot_check: bool = True
+    drain_timeout: float = 20.0
+    connect_timeout: float = 120.0
+
+
+@dataclass
+class Workload:
+    key: str          # stable id used in JSON
+    kind: str         # fanout | latency | rooms | connections
+    label: str
+    params: dict
+
+    def describe(self) -> str:
+        return self.label
+
+
+def default_workloads(quick: bool) -> list[Workload]:
+    if quick:
+        fan = [(20, 1), (20, 2)]
+        lat = dict(members=10, rate=200)
+        rooms = dict(clients=40, room_size=2)
+        conns = dict(clients=200, room_size=10)
+    else:
+        fan = [(100, 1), (100, 4), (1000, 1), (1000, 4)]
+        lat = dict(members=100, rate=2000)
+        rooms = dict(clients=1000, room_size=2)
+        conns = dict(clients=5000, room_size=10)
+    out = [Workload("fanout-r%d-s%d" % (r, s), "fanout",
+                    "fan-out R=%d S=%d" % (r, s), dict(members=r, senders=s)) for r, s in fan]
+    out.append(Workload("latency-r%d-%dhz" % (lat["members"], lat["rate"]), "latency",
+                        "latency R=%d @%d msg/s" % (lat["members"], lat["rate"]), lat))
+    out.append(Workload("rooms-%dx%d" % (rooms["clients"] // rooms["room_size"], rooms["room_size"]),
+                        "rooms", "%d rooms of %d" % (rooms["clients"] // rooms["room_size"],
+                                                     rooms["room_size"]), rooms))
+    out.append(Workload("connections-%d" % conns["clients"], "connections",
+                        "%d idle connections" % conns["clients"], conns))
+    return out
+
+
+class Meter:
+    """CPU of this process (the load generator) and of the server."""
+
+    def __init__(self, server: ServerProcess) -> None:
+        self.ps = psutil.Process(server.pid) if psutil is not None else None
+
+    def server_cpu(self) -> float:
+        if self.ps is None:
+            return float("nan")
+        try:
+            t = self.ps.cpu_times()
+            return t.user + t.system
+        except psutil.Error:
+            return float("nan")
+
+    def rss(self) -> Optional[int]:
+        if self.ps is None:
+            return None
+        try:
+            return self.ps.memory_info().rss
+        except psutil.Error:
+            return None
+
+    def snap(self, members: list[Member]) -> dict:
+        return dict(t=time.perf_counter(), cpu=time.process_time(), srv=self.server_cpu(),
+                    bytes=sum(m.nbytes for m in members))
+
+
+def _window(a: dict, b: dict) -> dict:
+    wall = b["t"] - a["t"]
+    return dict(wall=wall, deliveries=(b["bytes"] - a["bytes"]) // FRAME,
+                client_cpu=(b["cpu"] - a["cpu"]) / wall, server_cpu=(b["srv"] - a["srv"]) / wall)
+
+
+def _verdict(rooms: list[Room], spot: Optional[SpotCheck], server: ServerProcess,
+             drained: bool) -> dict:
+    expected = got = 0
+    errors: list[str] = []
+    n_err = 0
+    for room in rooms:
+        for m in room.members:
+            m.finish()
+            expected += room.sent_total
+            got += min(m.received(), room.sent_total)
+            if m.error:
+                n_err += 1
+                if len(errors) < 5:
+                    errors.append("%s: %s" % (room.path, m.error))
+    if spot is not None and spot.error:
+        n_err += 1
+        errors.append("websockets spot check: %s" % spot.error)
+    if not drained:
+        errors.append("timed out waiting for all deliveries")
+    if not server.alive():
+        errors.append("server process exited")
+    loss = expected - got
+    return dict(deliveries_expected=expected, deliveries_verified=got, loss=loss,
+                clients_with_errors=n_err, errors=errors,
+                spot_check=None if spot is None else dict(
+                    received=spot.count, error=spot.error),
+                ok=(loss == 0 and not errors))
+
+
+async def _drain(rooms: list[Room], spot: Optional[SpotCheck], spot_room: Optional[Room],
+                 timeout: float) -> bool:
+    futs = [r.start_drain() for r in rooms]
+    if spot is not None and spot_room is not None:
+        futs.append(spot.expect(spot_room.sent_total))
+    done, pending = await asyncio.wait(futs, timeout=timeout)
+    return not pending
+
+
+async def _open(server: ServerProcess, members: list[Member], s: Settings,
+                log: Callable[[str], None]) -> tuple[float, float]:
+    def progress(n: int) -> None:
+        log("    connected %d/%d" % (n, len(members)))
+    return await connect_members(HOST, server.port, members, s.concurrency, s.connect_timeout,
+                                 progress if len(members) >= 2000 else None)
+
+
+async def _spot(server: ServerProcess, room: Room, senders: list[int], s: Settings) -> Optional[SpotCheck]:
+    if not s.spot_check:
+        return None
+    spot = SpotCheck("ws://%s:%d%s" % (HOST, server.port, room.path), senders)
+    await asyncio.wait_for(spot.connect(), 30)
+    return spot
+
+
+async def _teardown(members: list[Member], spot: Optional[SpotCheck]) -> None:
+    if spot is not None:
+        await spot.close()
+    await close_members(members)
+
+
+async def run_fanout(server: ServerProcess, w: Workload, s: Settings,
+                     log: Callable[[str], None]) -> dict:
+    n, k = w.params["members"], w.params["senders"]
+    lag = s.lag_limit or max(4 * k * s.window, 1024)
+    room = Room("/fanout", lag)
+    sids = list(range(1, k + 1))
+    senders = [Sender(room, HOST, server.port, sids, sid, s.window) for sid in sids]
+    members = senders + [Member(room, HOST, server.port, sids) for _ in range(n - k)]
+    return await _throughput(server, [room], members, senders, room, sids, s, log,
+                             extra=dict(members=n, senders=k, window=s.window, lag_limit=lag))
+
+
+async def run_rooms(server: ServerProcess, w: Workload, s: Settings,
+                    log: Callable[[str], None]) -> dict:
+    n, size = w.params["clients"], w.params["room_size"]
+    lag = s.lag_limit or max(4 * size * s.window_rooms, 256)
+    rooms, members = [], []
+    for r in range(n // size):
+        room = Room("/small-%d" % r, lag)
+        sids = [r * size + j + 1 for j in range(size)]
+        for sid in sids:
+            members.append(Sender(room, HOST, server.port, sids, sid, s.window_rooms))
+        rooms.append(room)
+    first = rooms[0]
+    return await _throughput(server, rooms, members, members, first,
+                             [m.sid for m in first.senders], s, log,
+                             extra=dict(clients=n, room_size=size, window=s.window_rooms,
+                                        lag_limit=lag))
+
+
+async def _throughput(server, rooms, members, senders, spot_room, spot_sids, s, log, extra) -> dict:
+    meter = Meter(server)
+    spot = None
+    try:
+        await _open(server, members, s, log)
+        spot = await _spot(server, spot_room, spot_sids, s)
+        for snd in senders:
+            snd.running = True
+        for snd in senders:
+            snd.refill()
+        await asyncio.sleep(s.warmup)       # load is running; this only times it
+        a = meter.snap(members)
+        await asyncio.sleep(s.duration)
+        b = meter.snap(members)
+        for snd in senders:
+            snd.running = False
+        drained = await _drain(rooms, spot, spot_room, s.drain_timeout)
+        res = _window(a, b)
+        res["value"] = res["deliveries"] / res["wall"]
+        res["messages_sent"] = sum(r.sent_total for r in rooms)
+        res["lag_waits"] = sum(r.lag_waits for r in rooms)
+        res.update(extra)
+        res.update(_verdict(rooms, spot, server, drained))
+        return res
+    finally:
+        await _teardown(members, spot)
+
+
+async def run_latency(server: ServerProcess, w: Workload, s: Settings,
+                      log: Callable[[str], None]) -> dict:
+    n, rate = w.params["members"], w.params["rate"]
+    room = Room("/latency", 1 << 40)   # open loop: never throttled
+    sender = Sender(room, HOST, server.port, [1], 1, 1, latency=True)
+    members = [sender] + [Member(room, HOST, server.port, [1], latency=True)
+                          for _ in range(n - 1)]
+    meter = Meter(server)
+    loop = asyncio.get_running_loop()
+    spot = None
+    ticker = None
+    try:
+        await _open(server, members, s, log)
+        spot = await _spot(server, room, [1], s)
+        t0 = time.monotonic()
+        interval = 0.001
+
+        # Offered load is fixed: each tick sends what is due by the clock,
+        # stamped with the send time, whatever the server's speed.
+        def tick() -> None:
+            nonlocal ticker
+            due = int((time.monotonic() - t0) * rate) + 1 - sender.sent
+            if due > 0:
+                sender.send_stamped(due)
+            ticker = loop.call_later(interval, tick)
+
+        tick()
+        await asyncio.sleep(s.warmup)
+        a = meter.snap(members)
+        t_from = time.monotonic_ns()
+        await asyncio.sleep(s.duration)
+        t_to = time.monotonic_ns()
+        b = meter.snap(members)
+        ticker.cancel()
+        drained = await _drain([room], spot, room, s.drain_timeout)
+        res = _window(a, b)
+        res.update(_verdict([room], spot, server, drained))
+        lat = wire.latency_samples([m.verifier for m in members], t_from, t_to)
+        res.update(members=n, rate=rate, messages_sent=room.sent_total, samples=len(lat),
+                   p50_ms=wire.percentile(lat, 50) / 1e6, p99_ms=wire.percentile(lat, 99) / 1e6,
+                   max_ms=(float(lat[-1]) / 1e6 if len(lat) else float("nan")))
+        res["value"] = res["p99_ms"]
+        return res
+    finally:
+        if ticker is not None:
+            ticker.cancel()
+        await _teardown(members, spot)
+
+
+async def run_connections(server: ServerProcess, w: Workload, s: Settings,
+                          log: Callable[[str], None]) -> dict:
+    n, size = w.params["clients"], w.params["room_size"]
+    meter = Meter(server)
+    rooms, members, senders = [], [], []
+    for r in range((n + size - 1) // size):
+        room = Room("/idle-%d" % r, 1 << 40)
+        sid = r + 1
+        snd = Sender(room, HOST, server.port, [sid], sid, 1)
+        senders.append(snd)
+        members.append(snd)
+        for _ in range(min(size, n - r * size) - 1):
+            members.append(Member(room, HOST, server.port, [sid]))
+        rooms.append(room)
+    spot = None
+    try:
+        rss0 = meter.rss()
+        cpu0, srv0 = time.process_time(), meter.server_cpu()
+        t0, t1 = await _open(server, members, s, log)
+        cpu1, srv1 = time.process_time(), meter.server_cpu()
+        rss1 = meter.rss()
+        spot = await _spot(server, rooms[0], [1], s)
+        # Liveness: one message per room must reach every idle member.
+        for snd in senders:
+            snd.send(1)
+        drained = await _drain(rooms, spot, rooms[0], s.drain_timeout)
+        wall = t1 - t0
+        res = dict(wall=wall, clients=n, room_size=size, value=n / wall,
+                   client_cpu=(cpu1 - cpu0) / wall, server_cpu=(srv1 - srv0) / wall,
+                   rss_before=rss0, rss_after=rss1,
+                   rss_per_conn=(None if rss0 is None or rss1 is None else (rss1 - rss0) / n))
+        res.update(_verdict(rooms, spot, server, drained))
+        return res
+    finally:
+        await _teardown(members, spot)
+
+
+RUNNERS = {"fanout": run_fanout, "latency": run_latency, "rooms": run_rooms,
+           "connections": run_connections}

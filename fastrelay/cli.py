@@ -1,0 +1,201 @@
+"""The `fastrelay` command: load config, set up logging, run the relay.
+
+Exit codes:
+  0    clean shutdown after SIGINT/SIGTERM
+  2    user error: bad command line, bad config, log file or port unusable
+  130  a second SIGINT/SIGTERM arrived during the graceful shutdown (or
+       SIGINT before the event loop started)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import ssl
+import sys
+from collections.abc import Sequence
+
+import uvloop
+
+from ._version import __version__
+from .config import Config, ConfigError, load_config, resolve_config_path
+from .logs import LogSink, setup_logging
+from .metrics import start_metrics_server, url_host
+from .server import Relay
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class StartupError(Exception):
+    """A user-facing reason the relay cannot start (one line)."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastrelay",
+        description="WebSocket broadcast relay: every message goes to every client in the same room (the URL path).",
+        epilog="Without --config-file, ./config.yaml is read when it exists, else built-in defaults are used. "
+        "Signals: SIGINT/SIGTERM shut down gracefully (a second one exits at once with code 130); "
+        "SIGHUP reopens the log file.",
+    )
+    parser.add_argument(
+        "--config-file",
+        metavar="PATH",
+        help="YAML configuration file (default: ./config.yaml if present)",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"fastrelay {__version__}"
+    )
+    return parser
+
+
+def _error(message: str) -> int:
+    print(f"fastrelay: error: {message}", file=sys.stderr, flush=True)
+    return EXIT_USAGE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config_file)
+    except ConfigError as e:
+        return _error(str(e))
+    try:
+        sink = setup_logging(cfg.logging.output, cfg.logging.level)
+    except OSError as e:
+        return _error(
+            f"logging.output: cannot open '{cfg.logging.output}': {e.strerror or e}"
+        )
+    try:
+        return _run(cfg, sink, resolve_config_path(args.config_file))
+    except StartupError as e:
+        return _error(str(e))
+    except KeyboardInterrupt:
+        # SIGINT before our handlers were installed: nothing is serving yet.
+        return EXIT_INTERRUPTED
+    finally:
+        sink.close()
+
+
+def _run(cfg: Config, sink: LogSink, config_path: str | None) -> int:
+    return uvloop.run(_serve(cfg, sink, config_path))
+
+
+def _listen_error(
+    sink: LogSink, what: str, host: str, port: int, exc: OSError
+) -> StartupError:
+    if isinstance(exc, socket.gaierror):
+        reason = exc.strerror or str(exc)  # getaddrinfo codes are not errnos
+    elif exc.errno:
+        reason = os.strerror(exc.errno)
+    else:
+        reason = str(exc)
+    reason = reason[:1].lower() + reason[1:]
+    if sink.output != "stderr":
+        # A log file should say why the service stopped; on stderr the
+        # error line printed by main() already does.
+        sink.logger.error("cannot listen on %s:%d (%s): %s", host, port, what, reason)
+    return StartupError(f"cannot listen on {url_host(host)}:{port}: {reason}")
+
+
+async def _serve(cfg: Config, sink: LogSink, config_path: str | None) -> int:
+    log = sink.logger
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    state = {"stopping": False}
+
+    def on_stop_signal(signame: str) -> None:
+        if state["stopping"]:
+            log.warning("%s during shutdown: exiting now", signame)
+            _exit_now(sink, EXIT_INTERRUPTED)
+        state["stopping"] = True
+        log.info("%s received: shutting down", signame)
+        stop.set()
+
+    def on_hup() -> None:
+        try:
+            sink.reopen()
+        except OSError as e:
+            log.error(
+                "SIGHUP: cannot reopen %s: %s; still writing to the old file",
+                sink.output,
+                e.strerror or e,
+            )
+            return
+        log.info("SIGHUP: log output reopened")
+
+    # Installed first so a signal during startup is handled like later ones.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_stop_signal, sig.name)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+
+    log.info(
+        "fastrelay %s starting (config: %s)",
+        __version__,
+        config_path or "built-in defaults",
+    )
+    relay = Relay(cfg, log)
+    try:
+        await relay.start()
+    except ssl.SSLError as e:
+        # Validated at load time, so the files changed since; still a user error.
+        raise StartupError(
+            f"server.tls: cannot use the certificate or key: {e.reason or e}"
+        ) from None
+    except OSError as e:
+        raise _listen_error(
+            sink, "relay", cfg.server.host, cfg.server.port, e
+        ) from None
+
+    metrics = None
+    if cfg.metrics.enabled:
+        try:
+            metrics = await start_metrics_server(
+                cfg.metrics.host,
+                cfg.metrics.port,
+                relay.snapshot,
+                lambda: relay.accepting,
+            )
+        except OSError as e:
+            # Nobody was told the relay URL yet; close it before exiting.
+            await relay.shutdown(cfg.timeouts.shutdown)
+            raise _listen_error(
+                sink, "metrics", cfg.metrics.host, cfg.metrics.port, e
+            ) from None
+
+    scheme = "wss" if cfg.server.tls.enabled else "ws"
+    lines = [
+        f"fastrelay listening on {scheme}://{url_host(cfg.server.host)}:{relay.port}/"
+    ]
+    if metrics is not None:
+        lines.append(f"metrics on {metrics.url}")
+    for line in lines:
+        print(line, flush=True)
+        log.info("%s", line)
+
+    await stop.wait()
+    log.info("closing clients with 1001, waiting up to %.1fs", cfg.timeouts.shutdown)
+    await relay.shutdown(cfg.timeouts.shutdown)
+    if metrics is not None:
+        # Closed last: during the drain /readyz answers 503, which tells a
+        # load balancer to stop sending clients here.
+        await metrics.close()
+    log.info("shutdown complete")
+    return EXIT_OK
+
+
+def _exit_now(sink: LogSink, code: int) -> None:
+    # os._exit skips interpreter teardown (which would wait on the loop and
+    # its tasks); flush what we can first so the last lines are not lost.
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    sink.flush()
+    os._exit(code)

@@ -1,0 +1,330 @@
+"""Prometheus metrics and health checks on their own HTTP port.
+
+The relay keeps plain integer counters; this module reads them only when
+scraped, through a custom collector over a `snapshot()` callable, so counting
+costs the hot path nothing (prometheus_client's Counter.inc() takes a lock).
+
+The HTTP side is deliberately tiny: one request per connection, GET/HEAD
+only, a bounded request head and a deadline, then the connection closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, NamedTuple
+
+from prometheus_client import (
+    CollectorRegistry,
+    ProcessCollector,
+    exposition,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+Snapshot = Callable[[], Mapping[str, Any]]
+
+log = logging.getLogger("fastrelay.metrics")
+
+# generate_latest() writes the 0.0.4 text format; newer prometheus_client
+# versions name that content type explicitly, older ones call it LATEST.
+CONTENT_TYPE = getattr(
+    exposition, "CONTENT_TYPE_PLAIN_0_0_4", exposition.CONTENT_TYPE_LATEST
+)
+
+
+class MetricDef(NamedTuple):
+    name: str  # exposed name, exactly
+    type: str  # "gauge" or "counter"
+    key: str  # snapshot key
+    label: (
+        str | None
+    )  # for labelled metrics: the snapshot value is {label value: count}
+    help: str
+
+
+# The table of exported metrics; the README table is generated from it.
+METRICS = (
+    MetricDef(
+        "websocket_connected_clients",
+        "gauge",
+        "connected_clients",
+        None,
+        "Clients connected now.",
+    ),
+    MetricDef(
+        "websocket_messages_total",
+        "counter",
+        "messages_total",
+        None,
+        "Messages received from clients and relayed to their room.",
+    ),
+    MetricDef(
+        "websocket_connections_total",
+        "counter",
+        "connections_total",
+        None,
+        "WebSocket connections established (successful upgrades).",
+    ),
+    MetricDef(
+        "websocket_disconnections_total",
+        "counter",
+        "disconnections_total",
+        None,
+        "WebSocket connections ended, for any reason.",
+    ),
+    MetricDef(
+        "websocket_deliveries_total",
+        "counter",
+        "deliveries_total",
+        None,
+        "Messages written to clients (one message to a room of n members counts n).",
+    ),
+    MetricDef(
+        "websocket_received_bytes_total",
+        "counter",
+        "bytes_received_total",
+        None,
+        "Bytes read from clients' sockets.",
+    ),
+    MetricDef(
+        "websocket_sent_bytes_total",
+        "counter",
+        "bytes_sent_total",
+        None,
+        "Bytes written to clients' sockets.",
+    ),
+    MetricDef(
+        "websocket_rooms", "gauge", "rooms", None, "Rooms with at least one member now."
+    ),
+    MetricDef(
+        "websocket_handshake_failures_total",
+        "counter",
+        "handshake_failures",
+        "reason",
+        "Upgrade requests refused, by reason.",
+    ),
+    MetricDef(
+        "websocket_closes_total",
+        "counter",
+        "closes",
+        "code",
+        "Close frames sent or received, by close code.",
+    ),
+    MetricDef(
+        "websocket_slow_client_disconnects_total",
+        "counter",
+        "slow_client_disconnects_total",
+        None,
+        "Clients disconnected because their backlog exceeded limits.max_backlog.",
+    ),
+    MetricDef(
+        "websocket_slow_client_drops_total",
+        "counter",
+        "slow_client_drops_total",
+        None,
+        "Messages not delivered to a client whose backlog exceeded limits.max_backlog (policy drop).",
+    ),
+    MetricDef(
+        "websocket_protocol_errors_total",
+        "counter",
+        "protocol_errors_total",
+        None,
+        "Connections closed for a protocol violation (1002, 1007, 1009).",
+    ),
+)
+
+
+class RelayCollector(Collector):
+    """Reads the relay's counters at scrape time.
+
+    Keys missing from the snapshot read as 0, so the relay can grow its
+    snapshot without breaking the exposition.
+    """
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._snapshot()
+        for m in METRICS:
+            family_cls = GaugeMetricFamily if m.type == "gauge" else CounterMetricFamily
+            # CounterMetricFamily strips a trailing "_total" from the family
+            # name and adds it back to the sample, so `m.name` is exposed as is.
+            if m.label is None:
+                yield family_cls(m.name, m.help, value=snap.get(m.key) or 0)
+                continue
+            family = family_cls(m.name, m.help, labels=[m.label])
+            by_label = snap.get(m.key) or {}
+            for label_value in sorted(by_label, key=str):
+                family.add_metric([str(label_value)], by_label[label_value] or 0)
+            yield family
+
+
+def build_registry(snapshot: Snapshot) -> CollectorRegistry:
+    """A private registry: the relay's metrics plus process CPU/memory/fds."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(RelayCollector(snapshot))
+    ProcessCollector(registry=registry)
+    return registry
+
+
+def url_host(host: str) -> str:
+    """`host` as written in a URL: IPv6 literals need brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+
+class Response(NamedTuple):
+    status: int
+    body: bytes = b""
+    content_type: str = "text/plain; charset=utf-8"
+
+
+class MetricsServer:
+    """The running listener; create it with start_metrics_server()."""
+
+    def __init__(
+        self,
+        host: str,
+        snapshot: Snapshot,
+        ready: Callable[[], bool],
+        request_timeout: float,
+        max_request_head: int,
+    ) -> None:
+        self.host = host
+        self._registry = build_registry(snapshot)
+        self._ready = ready
+        self._request_timeout = request_timeout
+        self._max_request_head = max_request_head
+        self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://{url_host(self.host)}:{self.port}/metrics"
+
+    async def _start(self, port: int) -> None:
+        # `limit` bounds the StreamReader buffer, hence the request head.
+        self._server = await asyncio.start_server(
+            self._handle, self.host, port, limit=self._max_request_head
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        """Stop listening and end the requests in progress."""
+        if self._server is None:
+            return
+        self._server.close()
+        for task in list(self._handlers):
+            task.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+        await self._server.wait_closed()
+        self._server = None
+
+    async def _handle(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        try:
+            response, head_only = await self._read_and_route(reader)
+            writer.write(_serialize(response, head_only))
+            await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass  # the client left, or we are closing: nothing to answer
+        finally:
+            self._handlers.discard(task)
+            writer.close()
+
+    async def _read_and_route(
+        self, reader: asyncio.StreamReader
+    ) -> tuple[Response, bool]:
+        try:
+            head = await asyncio.wait_for(
+                reader.readuntil(b"\r\n\r\n"), self._request_timeout
+            )
+        except asyncio.TimeoutError:
+            return Response(408, b"request timeout\n"), False
+        except asyncio.LimitOverrunError:
+            return Response(431, b"request head too large\n"), False
+        except asyncio.IncompleteReadError as e:
+            if not e.partial:
+                raise ConnectionResetError from None  # connected and left
+            return Response(400, b"incomplete request\n"), False
+        request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+        parts = request_line.split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            return Response(400, b"bad request\n"), False
+        method, target, _ = parts
+        if method not in ("GET", "HEAD"):
+            return Response(405, b"method not allowed\n"), False
+        return self._route(target.split("?", 1)[0]), method == "HEAD"
+
+    def _route(self, path: str) -> Response:
+        if path == "/metrics":
+            try:
+                return Response(200, generate_latest(self._registry), CONTENT_TYPE)
+            except Exception:
+                # A bug in snapshot() must not take the listener down, and
+                # the scraper should see a failed scrape, not stale zeros.
+                log.exception("metrics scrape failed")
+                return Response(500, b"scrape failed\n")
+        if path == "/healthz":
+            return Response(200, b"ok")
+        if path == "/readyz":
+            return (
+                Response(200, b"ready")
+                if self._ready()
+                else Response(503, b"not ready")
+            )
+        return Response(404, b"not found\n")
+
+
+def _serialize(response: Response, head_only: bool) -> bytes:
+    headers = [
+        f"HTTP/1.1 {response.status} {_REASONS[response.status]}",
+        f"Content-Type: {response.content_type}",
+        f"Content-Length: {len(response.body)}",
+        "Cache-Control: no-store",
+        "Connection: close",
+    ]
+    if response.status == 405:
+        headers.append("Allow: GET, HEAD")
+    head = ("\r\n".join(headers) + "\r\n\r\n").encode("latin-1")
+    return head if head_only else head + response.body
+
+
+async def start_metrics_server(
+    host: str,
+    port: int,
+    snapshot: Snapshot,
+    ready: Callable[[], bool],
+    *,
+    request_timeout: float = 10.0,
+    max_request_head: int = 8192,
+) -> MetricsServer:
+    """Listen on host:port (0 = a free port) and serve /metrics, /healthz, /readyz.
+
+    `snapshot()` is called on each scrape of /metrics; `ready()` on each
+    request to /readyz (200 while true, 503 otherwise). Raises OSError when
+    the address cannot be bound.
+    """
+    server = MetricsServer(host, snapshot, ready, request_timeout, max_request_head)
+    await server._start(port)
+    return server

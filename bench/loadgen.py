@@ -1,17 +1,29 @@
-"""Raw-socket WebSocket load generator on uvloop Protocols.
+"""Raw-socket WebSocket load generator on uvloop.
 
-Clients send one fixed-format HTTP upgrade request, then pre-built masked
-frames; receivers only append bytes to a buffer and count them, and check
-what they got in bulk (wire.StreamVerifier) every VERIFY_AT bytes. That
-keeps the Python work per delivery small enough that one core can absorb
-millions of deliveries per second, so the server under test is the limit.
+Clients are plain non-blocking sockets: the upgrade request is one fixed
+write, data frames are pre-built masked bytes, and received bytes go with
+recv_into() straight into a per-client preallocated buffer that is checked
+in bulk (wire.StreamVerifier) every VERIFY_AT bytes. Python work per
+delivery is a few nanoseconds; the cost that remains is per read syscall.
+
+Two ways of reading, for two purposes:
+- "immediate": the socket is watched by the event loop (add_reader) and read
+  as soon as bytes arrive. Senders use it (their echoes open their window),
+  and so does everything in the latency workload.
+- "paced": pure receivers are watched by a private epoll set that a Pacer
+  polls every few milliseconds, reading each ready socket once. A receiver
+  that is read the moment each 66-byte frame arrives costs one syscall per
+  delivery, as much CPU as the server spends writing it; read in rounds, it
+  gets tens to thousands of frames per syscall, which keeps this single
+  process well ahead of the server. The Pacer adapts the period (1-16 ms) to
+  keep reads large but the pipeline short.
 
 Flow control is two-level:
 - a sender keeps at most `window` of its own messages un-echoed (it is a
   member of its room and sees its messages come back);
 - a room never lets its slowest member fall more than `lag_limit` messages
   behind what was sent into the room. Without this, a load generator that
-  cannot keep up would make servers buffer without bound (and trip their
+  fell behind would make servers buffer without bound (and trip their
   slow-client policies), measuring the client instead of the server.
 """
 from __future__ import annotations
@@ -20,13 +32,17 @@ import asyncio
 import base64
 import hashlib
 import os
+import select
+import socket
 import time
 from typing import Callable, Optional
 
 from . import wire
-from .wire import CFRAME, FRAME, FrameFactory, StreamVerifier
+from .wire import CFRAME, FRAME, FrameFactory, RefStream, StreamVerifier
 
-VERIFY_AT = 128 * 1024   # bytes buffered by a receiver before a bulk check
+VERIFY_AT = 96 * 1024    # bytes buffered by a client before a bulk check
+BUF_SIZE = 128 * 1024    # per-client receive buffer (fixed, never resized)
+SMALL_BUF = 8 * 1024     # for idle clients that receive almost nothing
 INF = 1 << 62
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -61,6 +77,12 @@ class Room:
         self.draining = False
         self.drained: Optional[asyncio.Future] = None
         self.lag_waits = 0
+        self.ref: Optional[RefStream] = None
+
+    def shared_stream(self, senders: list[int]) -> RefStream:
+        if self.ref is None:
+            self.ref = RefStream(senders)
+        return self.ref
 
     def add(self, member: "Member") -> None:
         self.members.append(member)
@@ -80,7 +102,7 @@ class Room:
         target_bytes = target * FRAME
         pending = 0
         for m in self.members:
-            if m.nbytes < target_bytes:
+            if m.nbytes < target_bytes and not m.lost:
                 m.watch = target_bytes
                 pending += 1
         if pending == 0:
@@ -125,110 +147,237 @@ class Room:
         return self.drained
 
 
-class Member(asyncio.Protocol):
+class Pacer:
+    """Reads a set of sockets in rounds from a private epoll set."""
+
+    def __init__(self, tmax: float = 0.016) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.ep = select.epoll()
+        self.by_fd: dict[int, Member] = {}
+        self.tmax = tmax
+        self.period = 0.001
+        self.handle = None
+        self.reads = 0
+        self.read_bytes = 0
+
+    def register(self, m: "Member") -> None:
+        self.ep.register(m.fd, select.EPOLLIN)
+        self.by_fd[m.fd] = m
+        if self.handle is None:
+            self._schedule()
+
+    def unregister(self, m: "Member") -> None:
+        if self.by_fd.pop(m.fd, None) is not None:
+            try:
+                self.ep.unregister(m.fd)
+            except (OSError, ValueError):
+                pass
+
+    def _schedule(self) -> None:
+        if self.period:
+            self.handle = self.loop.call_later(self.period, self.tick)
+        else:
+            self.handle = self.loop.call_soon(self.tick)
+
+    def tick(self) -> None:
+        by_fd = self.by_fd
+        reads = got = 0
+        for fd, _ in self.ep.poll(0, len(by_fd) or 1):
+            m = by_fd.get(fd)
+            if m is not None:
+                got += m.on_readable()
+                reads += 1
+        self.reads += reads
+        self.read_bytes += got
+        # Aim for reads of a few KiB or more: wait longer between rounds
+        # when reads are small, and not at all when they are large (then
+        # the sockets' buffers, not this loop, must never be what stalls).
+        avg = got / reads if reads else 0
+        if avg < 4096:
+            self.period = min(max(self.period * 1.5, 0.0005), self.tmax)
+        elif avg > 32768:
+            self.period = self.period / 2 if self.period > 0.0005 else 0.0
+        if by_fd:
+            self._schedule()
+        else:
+            self.handle = None
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+        self.ep.close()
+
+
+class Member:
     """A client in a room that receives and verifies every message."""
 
-    def __init__(self, room: Room, host: str, port: int, senders: list[int],
-                 latency: bool = False) -> None:
+    def __init__(self, room: Room, senders: list[int], latency: bool = False,
+                 buf_size: int = BUF_SIZE) -> None:
         self.room = room
-        self.request, self.accept = upgrade_request(host, port, room.path)
-        self.transport: Optional[asyncio.Transport] = None
-        self.open = False
-        self.closing = False
+        self.sock: Optional[socket.socket] = None
+        self.fd = -1
+        self.pacer: Optional[Pacer] = None
+        self.reading = False
         self.lost = False
+        self.closing = False
         self.error: Optional[str] = None
-        self.hs = bytearray()
-        self.buf = bytearray()
+        self.buf_size = buf_size
+        self.buf: Optional[bytearray] = None   # allocated on first data
+        self.view: Optional[memoryview] = None
+        self.w = 0              # bytes in buf
         self.nbytes = 0         # bytes received after the handshake
         self.base = 0           # stream offset of buf[0]
         self.watch = INF        # nbytes threshold that calls room.reached()
-        self.verifier = StreamVerifier(senders, latency)
+        self.verifier = StreamVerifier(
+            senders, latency, ref=None if latency else room.shared_stream(senders))
         self.marks: Optional[list] = [] if latency else None
         self.mask = wire.new_mask()
+        self.out: list[bytes] = []
         self.pings = 0
-        loop = asyncio.get_running_loop()
-        self.ready = loop.create_future()
-        self.closed = loop.create_future()
+        self.closed: Optional[asyncio.Future] = None
         room.add(self)
 
     # -- connection ------------------------------------------------------
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-        transport.write(self.request)
+    async def connect(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        request, accept = upgrade_request(host, port, self.room.path)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        # Senders write a few frames at a time; Nagle would hold them back.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+        try:
+            await loop.sock_connect(sock, (host, port))
+            await loop.sock_sendall(sock, request)
+            head = b""
+            while True:
+                chunk = await loop.sock_recv(sock, 65536)
+                if not chunk:
+                    raise HandshakeError("connection closed during handshake")
+                head += chunk
+                end = head.find(b"\r\n\r\n")
+                if end >= 0:
+                    break
+                if len(head) > 65536:
+                    raise HandshakeError("response head too long")
+        except BaseException:
+            sock.close()
+            self.sock = None
+            raise
+        lines = head[:end].decode("latin-1").split("\r\n")
+        if not lines[0].startswith("HTTP/1.1 101"):
+            sock.close()
+            raise HandshakeError("server answered %r" % lines[0])
+        got = None
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "sec-websocket-accept":
+                got = value.strip().encode()
+        if got != accept:
+            sock.close()
+            raise HandshakeError("bad Sec-WebSocket-Accept %r" % got)
+        self.fd = sock.fileno()
+        self.closed = loop.create_future()
+        rest = head[end + 4:]
+        if rest:  # frames may follow the 101 response in the same read
+            self._ingest(rest)
 
-    def connection_lost(self, exc) -> None:
+    def start_reading(self, pacer: Optional[Pacer]) -> None:
+        if self.lost or self.reading:
+            return
+        self.reading = True
+        self.pacer = pacer
+        if pacer is not None:
+            pacer.register(self)
+        else:
+            asyncio.get_running_loop().add_reader(self.fd, self.on_readable)
+
+    def _stop_reading(self) -> None:
+        if not self.reading:
+            return
+        self.reading = False
+        if self.pacer is not None:
+            self.pacer.unregister(self)
+        else:
+            asyncio.get_running_loop().remove_reader(self.fd)
+
+    def _ensure_buf(self) -> None:
+        self.buf = bytearray(self.buf_size)
+        self.view = memoryview(self.buf)
+
+    def _ingest(self, data: bytes) -> None:
+        """Bytes that arrived without recv_into (the handshake's tail)."""
+        if self.buf is None:
+            self._ensure_buf()
+        if self.w + len(data) > self.buf_size:
+            self.flush()
+        self.buf[self.w:self.w + len(data)] = data
+        self.w += len(data)
+        self._received(len(data))
+
+    # -- receiving -------------------------------------------------------
+    def on_readable(self) -> int:
+        """Read once (or until the buffer is drained); return bytes read."""
+        if self.buf is None:
+            self._ensure_buf()
+        total = 0
+        while True:
+            free = self.buf_size - self.w
+            if free < 8192:
+                self.flush()
+                free = self.buf_size - self.w
+                if free < 8192:   # verification stopped consuming (error)
+                    self.w = 0
+                    free = self.buf_size
+            try:
+                n = self.sock.recv_into(self.view[self.w:], free)
+            except BlockingIOError:
+                return total
+            except OSError as exc:
+                self._lost(exc)
+                return total
+            if n == 0:
+                self._lost(None)
+                return total
+            self.w += n
+            total += n
+            self._received(n)
+            if n < free:
+                break
+        if self.w >= VERIFY_AT:
+            self.flush()
+        return total
+
+    def _received(self, n: int) -> None:
+        self.nbytes += n
+        if self.marks is not None:
+            self.marks.append((self.nbytes, time.monotonic_ns()))
+        if self.nbytes >= self.watch:
+            self.room.reached(self)
+
+    def _lost(self, exc: Optional[BaseException]) -> None:
+        self._stop_reading()
         self.lost = True
-        if not self.ready.done():
-            self.ready.set_exception(HandshakeError(
-                "connection closed during handshake%s" % (": %s" % exc if exc else "")))
         if not self.closing and self.error is None:
             self.error = "server closed the connection%s" % (": %s" % exc if exc else "")
-        if not self.closed.done():
+        if self.closed is not None and not self.closed.done():
             self.closed.set_result(None)
         # A lost member must not hold its room's senders or drain forever.
         if self.watch != INF:
             self.room.reached(self)
 
-    def _handshake(self, data: bytes) -> None:
-        hs = self.hs
-        hs += data
-        end = hs.find(b"\r\n\r\n")
-        if end < 0:
-            if len(hs) > 65536:
-                self._handshake_failed("response head too long")
-            return
-        head = bytes(hs[:end]).decode("latin-1")
-        rest = bytes(hs[end + 4:])
-        self.hs = bytearray()
-        lines = head.split("\r\n")
-        if not lines[0].startswith("HTTP/1.1 101"):
-            self._handshake_failed("server answered %r" % lines[0])
-            return
-        accept = None
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            if name.strip().lower() == "sec-websocket-accept":
-                accept = value.strip().encode()
-        if accept != self.accept:
-            self._handshake_failed("bad Sec-WebSocket-Accept %r" % accept)
-            return
-        self.open = True
-        self.ready.set_result(None)
-        if rest:  # frames may follow the 101 response in the same read
-            self.data_received(rest)
-
-    def _handshake_failed(self, why: str) -> None:
-        self.error = why
-        if not self.ready.done():
-            self.ready.set_exception(HandshakeError(why))
-        self.transport.abort()
-
-    # -- receiving -------------------------------------------------------
-    def data_received(self, data: bytes) -> None:
-        if not self.open:
-            self._handshake(data)
-            return
-        buf = self.buf
-        buf += data
-        n = self.nbytes + len(data)
-        self.nbytes = n
-        if self.marks is not None:
-            self.marks.append((n, time.monotonic_ns()))
-        if n >= self.watch:
-            self.room.reached(self)
-        if len(buf) >= VERIFY_AT:
-            self.flush()
-
     def flush(self) -> None:
         """Verify the complete frames in the buffer and drop them."""
-        buf = self.buf
         v = self.verifier
-        while buf and v.error is None:
-            slots = len(buf) // FRAME
-            ok = v.check(buf, slots, self.base, self.marks) if slots else 0
+        if self.closing or self.buf is None:
+            return
+        while self.w and v.error is None:
+            slots = self.w // FRAME
+            ok = v.check(self.buf, slots, self.base, self.marks) if slots else 0
             if ok:
                 self._consume(ok * FRAME)
-            if v.error is not None or (ok == slots and (not buf or buf[0] == 0x81)):
+            if v.error is not None or (ok == slots and (not self.w or self.buf[0] == 0x81)):
                 break
             if not self._control_frame():
                 break
@@ -236,7 +385,10 @@ class Member(asyncio.Protocol):
             self.error = v.error
 
     def _consume(self, nbytes: int) -> None:
-        del self.buf[:nbytes]
+        rest = self.w - nbytes
+        if rest:
+            self.buf[:rest] = self.buf[nbytes:self.w]
+        self.w = rest
         self.base += nbytes
         marks = self.marks
         if marks:
@@ -253,21 +405,20 @@ class Member(asyncio.Protocol):
 
         Servers may send keepalive pings; a close frame or anything else is
         an error. Returns False if more bytes are needed or on error."""
-        buf = self.buf
-        if len(buf) < 2:
+        buf, w = self.buf, self.w
+        if w < 2:
             return False
         op, ln = buf[0], buf[1]
         if ln & 0x80 or ln > 125 or op not in (0x88, 0x89, 0x8A):
-            self.verifier._fail("unexpected frame header %r" % bytes(buf[:8]))
+            self.verifier._fail("unexpected frame header %r" % bytes(buf[:min(w, 8)]))
             return False
-        if len(buf) < 2 + ln:
+        if w < 2 + ln:
             return False
         body = bytes(buf[2:2 + ln])
         self._consume(2 + ln)
         if op == 0x89:  # ping -> masked pong with the same payload
             self.pings += 1
-            self.transport.write(b"\x8a" + bytes([0x80 | ln]) + self.mask
-                                 + wire.mask_bytes(body, self.mask))
+            self.write(b"\x8a" + bytes([0x80 | ln]) + self.mask + wire.mask_bytes(body, self.mask))
             return True
         if op == 0x8A:
             return True
@@ -278,27 +429,81 @@ class Member(asyncio.Protocol):
     def finish(self) -> None:
         """Final check once no more data is expected."""
         self.flush()
-        if self.error is None and self.buf and self.verifier.error is None:
-            self.error = "%d trailing bytes that are not a complete frame" % len(self.buf)
+        if self.error is None and self.w and self.verifier.error is None:
+            self.error = "%d trailing bytes that are not a complete frame" % self.w
 
     def received(self) -> int:
         return self.verifier.received()
 
+    # -- sending ---------------------------------------------------------
+    def write(self, data) -> None:
+        if self.lost:
+            return
+        if self.out:
+            self.out.append(bytes(data))
+            return
+        try:
+            n = self.sock.send(data)
+        except BlockingIOError:
+            n = 0
+        except OSError as exc:
+            self._lost(exc)
+            return
+        if n < len(data):
+            # Rare with bounded windows: the kernel buffer is full; finish
+            # the write when the socket is writable again.
+            self.out.append(bytes(data[n:]))
+            asyncio.get_running_loop().add_writer(self.fd, self._on_writable)
+
+    def _on_writable(self) -> None:
+        while self.out:
+            data = self.out[0]
+            try:
+                n = self.sock.send(data)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self.out.clear()
+                asyncio.get_running_loop().remove_writer(self.fd)
+                self._lost(exc)
+                return
+            if n < len(data):
+                self.out[0] = data[n:]
+                return
+            self.out.pop(0)
+        asyncio.get_running_loop().remove_writer(self.fd)
+
     def close(self) -> None:
-        if self.transport is None or self.lost:
-            if not self.closed.done():
+        """Start the closing handshake; `closed` resolves on the server's EOF."""
+        if self.sock is None:
+            return
+        if self.lost:
+            if self.closed is not None and not self.closed.done():
                 self.closed.set_result(None)
             return
+        self.flush()
         self.closing = True
-        self.transport.write(wire.close_frame(self.mask))
+        if not self.reading:
+            self.start_reading(None)
+        self.write(wire.close_frame(self.mask))
+
+    def dispose(self) -> None:
+        if self.sock is not None:
+            self._stop_reading()
+            if self.out:
+                asyncio.get_running_loop().remove_writer(self.fd)
+                self.out.clear()
+            self.sock.close()
+            self.sock = None
+        self.view = None
 
 
 class Sender(Member):
     """A member that also sends; window-bounded by its own echoes."""
 
-    def __init__(self, room: Room, host: str, port: int, senders: list[int], sid: int,
-                 window: int, latency: bool = False) -> None:
-        super().__init__(room, host, port, senders, latency)
+    def __init__(self, room: Room, senders: list[int], sid: int, window: int,
+                 latency: bool = False, buf_size: int = BUF_SIZE) -> None:
+        super().__init__(room, senders, latency, buf_size)
         self.sid = sid
         self.marker = wire.sender_marker(sid)
         self.scan = 0
@@ -307,39 +512,31 @@ class Sender(Member):
         self.window = window
         self.refill_min = max(1, window // 4)
         self.running = False
-        self.factory = FrameFactory(sid, self.mask)
+        self.limit = INF        # stop sending at this many messages
+        self.at_limit: Optional[asyncio.Future] = None
+        self.factory: Optional[FrameFactory] = None
         self.block_n = min(max(8 * window, 256), 8192)
         self.block = memoryview(b"")
         self.block_seq0 = 0
 
-    def data_received(self, data: bytes) -> None:
-        if not self.open:
-            self._handshake(data)
-            return
-        buf = self.buf
-        buf += data
-        n = self.nbytes + len(data)
-        self.nbytes = n
-        if self.marks is not None:
-            self.marks.append((n, time.monotonic_ns()))
+    def _received(self, n: int) -> None:
         # Count own echoes among complete markers; a marker can only start
         # a frame (0x81 is not ASCII), so frame alignment does not matter.
-        self.echoed += buf.count(self.marker, self.scan)
-        self.scan = max(self.scan, len(buf) - (len(self.marker) - 1))
-        if n >= self.watch:
-            self.room.reached(self)
+        self.echoed += self.buf.count(self.marker, self.scan, self.w)
+        self.scan = max(self.scan, self.w - (len(self.marker) - 1))
+        super()._received(n)
         if self.running:
             self.refill()
-        if len(buf) >= VERIFY_AT:
-            self.flush()
 
     def _consume(self, nbytes: int) -> None:
         super()._consume(nbytes)
         self.scan = max(0, self.scan - nbytes)
 
     def refill(self) -> None:
-        k = self.window - (self.sent - self.echoed)
-        if k < self.refill_min:
+        k = min(self.window - (self.sent - self.echoed), self.limit - self.sent)
+        if k < self.refill_min and self.sent + k < self.limit:
+            return
+        if k <= 0:
             return
         room = self.room
         budget = room.lag_limit - (room.sent_total - room.floor)
@@ -360,22 +557,36 @@ class Sender(Member):
         if end <= len(self.block):
             data = self.block[off:end]
         else:
+            if self.factory is None:
+                self.factory = FrameFactory(self.sid, self.mask)
             head = bytes(self.block[off:])
             seq0 = self.sent + len(head) // CFRAME
-            self.block = memoryview(self.factory.block(seq0, self.block_n))
+            self.block = memoryview(self.factory.block(seq0, max(self.block_n, k)))
             self.block_seq0 = seq0
             rest = k - len(head) // CFRAME
             data = head + bytes(self.block[:rest * CFRAME])
-        self.transport.write(data)
+        self.write(data)
         self.sent += k
         self.room.sent_total += k
+        if self.sent >= self.limit:
+            self.running = False
+            if self.at_limit is not None and not self.at_limit.done():
+                self.at_limit.set_result(None)
+
+    def stop_after(self, more: int) -> asyncio.Future:
+        """Send `more` messages (window permitting), then stop."""
+        self.limit = self.sent + more
+        self.at_limit = asyncio.get_running_loop().create_future()
+        if more <= 0:
+            self.running = False
+            self.at_limit.set_result(None)
+        return self.at_limit
 
     def send_stamped(self, k: int) -> None:
         """Send k messages carrying the current time (latency workload)."""
         ts = time.monotonic_ns()
         sid, key, seq = self.sid, self.mask, self.sent
-        data = b"".join(wire.client_frame(sid, seq + i, key, ts) for i in range(k))
-        self.transport.write(data)
+        self.write(b"".join(wire.client_frame(sid, seq + i, key, ts) for i in range(k)))
         self.sent += k
         self.room.sent_total += k
 
@@ -383,11 +594,21 @@ class Sender(Member):
 class SpotCheck:
     """One `websockets` client in a room: an independent, RFC-checking
     implementation confirming what the raw clients see (messages are text,
-    intact, complete and in order per sender)."""
+    intact, in order per sender, none missing up to each sender's last).
+
+    It may join while messages flow: per sender it then checks a contiguous
+    run of sequence numbers from the first it sees; finish() checks that the
+    run reaches the sender's last message and started no later than what
+    the sender had sent when the spot check's handshake completed. Its
+    parser is pure Python, so in the throughput workloads it joins only for
+    a tail of messages after the measured window, where it costs nothing.
+    """
 
     def __init__(self, url: str, senders: list[int]) -> None:
         self.url = url
-        self.next_seq = {s: 0 for s in senders}
+        self.senders = list(senders)
+        self.first: dict[int, int] = {}
+        self.next_seq: dict[int, int] = {}
         self.count = 0
         self.target = INF
         self.error: Optional[str] = None
@@ -400,7 +621,7 @@ class SpotCheck:
         # max_queue=None: the client buffers instead of pausing reads, so a
         # slow spot check never pushes back on the server under test.
         self.ws = await connect(self.url, compression=None, max_queue=None,
-                                ping_interval=None, open_timeout=30)
+                                ping_interval=None, open_timeout=30, max_size=1 << 20)
         self.done = asyncio.get_running_loop().create_future()
         self.task = asyncio.ensure_future(self._read())
 
@@ -412,8 +633,13 @@ class SpotCheck:
                     return
                 sid = int(msg[:wire.SID_W])
                 seq = int(msg[wire.SEQ_OFF:wire.SEQ_OFF + wire.SEQ_W])
+                if sid not in self.senders:
+                    self._fail("message from sender %d, not in this room" % sid)
+                    return
                 exp = self.next_seq.get(sid)
-                if exp != seq:
+                if exp is None:
+                    self.first[sid] = seq
+                elif exp != seq:
                     self._fail("sender %s: expected seq %s, got %d" % (sid, exp, seq))
                     return
                 self.next_seq[sid] = seq + 1
@@ -421,8 +647,7 @@ class SpotCheck:
                 if self.count >= self.target and not self.done.done():
                     self.done.set_result(None)
         except Exception as exc:  # noqa: BLE001 - report any failure as a finding
-            if self.target != INF or self.error is None:
-                self._fail("websockets client: %r" % exc)
+            self._fail("websockets client: %r" % exc)
 
     def _fail(self, msg: str) -> None:
         if self.error is None:
@@ -430,11 +655,28 @@ class SpotCheck:
         if self.done is not None and not self.done.done():
             self.done.set_result(None)
 
-    def expect(self, total: int) -> asyncio.Future:
-        self.target = total
-        if self.count >= total and not self.done.done():
+    def expect(self, joined: dict[int, int], final: dict[int, int]) -> asyncio.Future:
+        """Resolve once every message sent after the join has arrived:
+        `joined` and `final` are each sender's sent count at join and end."""
+        self.joined, self.final = dict(joined), dict(final)
+        self.target = sum(final[s] - joined[s] for s in final)
+        if self.count >= self.target and not self.done.done():
             self.done.set_result(None)
         return self.done
+
+    def finish(self) -> None:
+        if self.error is not None:
+            return
+        for s, last in self.final.items():
+            if last == self.joined[s]:
+                continue            # nothing was sent after the join
+            if s not in self.first:
+                self._fail("sender %d: none of its messages after the join arrived" % s)
+            elif self.first[s] > self.joined[s]:
+                self._fail("sender %d: messages %d..%d missing after the join"
+                           % (s, self.joined[s], self.first[s] - 1))
+            elif self.next_seq[s] != last:
+                self._fail("sender %d: got up to %d of %d" % (s, self.next_seq[s], last))
 
     async def close(self) -> None:
         if self.ws is not None:
@@ -456,15 +698,13 @@ async def connect_members(host: str, port: int, members: list[Member], concurren
     """Open every member's connection, at most `concurrency` handshakes in
     flight (a burst of thousands of SYNs would overflow the accept backlog
     and measure TCP retransmission timers). Returns (start, end) times."""
-    loop = asyncio.get_running_loop()
     it = iter(members)
     done = 0
 
     async def worker() -> None:
         nonlocal done
         for m in it:
-            await loop.create_connection(lambda m=m: m, host, port)
-            await m.ready
+            await m.connect(host, port)
             done += 1
             if progress is not None and done % 1000 == 0:
                 progress(done)
@@ -480,12 +720,15 @@ async def connect_members(host: str, port: int, members: list[Member], concurren
 
 
 async def close_members(members: list[Member], timeout: float = 5.0) -> None:
-    """Close handshake from the client side, then abort whatever is left."""
-    for m in members:
-        m.close()
-    pending = [m.closed for m in members if not m.closed.done()]
-    if pending:
-        await asyncio.wait(pending, timeout=timeout)
-    for m in members:
-        if m.transport is not None and not m.lost:
-            m.transport.abort()
+    """Closing handshake from the client side (the server answers and closes
+    the TCP connection), then close whatever is left."""
+    try:
+        for m in members:
+            m.close()
+        pending = [m.closed for m in members
+                   if m.closed is not None and not m.closed.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
+    finally:
+        for m in members:
+            m.dispose()

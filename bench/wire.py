@@ -103,31 +103,122 @@ class FrameFactory:
         return arr.tobytes()
 
 
+# Per-column constants for the vectorised check: a frame XOR TEMPLATE is 0
+# at every fixed byte (header, separators, padding) and 0..9 at every digit
+# (b ^ 0x30 <= 9 exactly when b is an ASCII digit), so one XOR, one compare
+# against LIMIT and one any() validate a whole chunk.
+_TEMPLATE = SERVER_HEADER + payload(0, 0, 0)
+_LIMIT = bytes(9 if 2 + TS_OFF + TS_W > i >= 2 and _TEMPLATE[i] == 0x30 else 0
+               for i in range(FRAME))
+if HAVE_NUMPY:
+    _TEMPLATE_NP = np.frombuffer(_TEMPLATE, dtype=np.uint8)
+    _LIMIT_NP = np.frombuffer(_LIMIT, dtype=np.uint8)
+    _SID_POW = 10 ** np.arange(SID_W - 1, -1, -1, dtype=np.int64)
+    _SEQ_POW = 10 ** np.arange(SEQ_W - 1, -1, -1, dtype=np.int64)
+    _TS_POW = 10 ** np.arange(TS_W - 1, -1, -1, dtype=np.int64)
+
+
+class RefStream:
+    """The data-frame stream of one room as first verified by its leading
+    member, shared by all members of the room.
+
+    A relay that fans each message out to all members in one go gives every
+    member the same byte stream. The member furthest ahead verifies new
+    bytes in full (vectorised) and appends them here; the others only
+    compare their bytes with these (one memcmp), which keeps verification
+    cost per delivery tiny. A member whose bytes differ (a legal different
+    interleaving of senders, or a fault) leaves the shared path and is
+    verified in full from then on; nothing is assumed, only compared.
+    """
+
+    TRIM_AT = 8 << 20
+
+    def __init__(self, senders: list[int]) -> None:
+        self.senders = list(senders)
+        self.markers = {s: sender_marker(s) for s in self.senders}
+        self.verifier = StreamVerifier(senders)
+        self.buf = bytearray()
+        self.base = 0                               # data offset of buf[0]
+        self.checkpoints = [(0, dict(self.verifier.next_seq))]
+        self.followers: list[StreamVerifier] = []
+
+    @property
+    def end(self) -> int:
+        return self.base + len(self.buf)
+
+    def extend(self, chunk, n: int) -> int:
+        """Verify n frame slots that start at self.end; keep the good ones.
+        Returns -1 if they do not verify: the shared stream stays as it was
+        and the member that offered them is checked on its own."""
+        v = self.verifier
+        saved = dict(v.next_seq), v.frames
+        ok = v.check(chunk, n)
+        if v.error is not None:
+            v.error = None
+            v.next_seq, v.frames = saved
+            return -1
+        if ok:
+            self.buf += chunk[:ok * FRAME]
+            self.checkpoints.append((self.end, dict(self.verifier.next_seq)))
+            if len(self.buf) > self.TRIM_AT:
+                self._trim()
+        return ok
+
+    def counts_at(self, pos: int) -> dict:
+        """Per-sender message counts in the first `pos` data bytes."""
+        cp_pos, counts = self.checkpoints[0]
+        for p, c in self.checkpoints:
+            if p > pos:
+                break
+            cp_pos, counts = p, c
+        counts = dict(counts)
+        a, b = cp_pos - self.base, pos - self.base
+        for s, marker in self.markers.items():
+            counts[s] += self.buf.count(marker, a, b)
+        return counts
+
+    def _trim(self) -> None:
+        # Drop what every member still on the shared path is past; cut at a
+        # checkpoint so counts_at() keeps a starting point.
+        low = min((v.frames * FRAME for v in self.followers if v.on_ref), default=self.end)
+        keep = [cp for cp in self.checkpoints if cp[0] <= low]
+        if not keep:
+            return
+        new_base = keep[-1][0]
+        if new_base > self.base:
+            del self.buf[:new_base - self.base]
+            self.base = new_base
+            self.checkpoints = [cp for cp in self.checkpoints if cp[0] >= new_base]
+
+
 class StreamVerifier:
     """Checks one receiver's stream of server frames, chunk by chunk.
 
     Expects every frame to be a 66-byte text frame from one of `senders`,
     and each sender's sequence numbers to arrive as 0, 1, 2, ... with no gap,
     duplicate or reordering. Optionally extracts per-frame latency given the
-    receive time of each read.
+    receive time of each read. With a RefStream, compares against the room's
+    shared stream instead of parsing (see RefStream).
     """
 
-    def __init__(self, senders: list[int], latency: bool = False) -> None:
+    def __init__(self, senders: list[int], latency: bool = False,
+                 ref: Optional[RefStream] = None) -> None:
         self.senders = list(senders)
         self.next_seq = {s: 0 for s in self.senders}
-        self.frames = 0
+        self.frames = 0             # data frames verified
         self.error: Optional[str] = None
         self.latency = latency
         self.lat_ts: list = []      # send timestamps (ns)
         self.lat_ns: list = []      # delivery latency (ns)
-        if HAVE_NUMPY:
-            self._sid_pow = 10 ** np.arange(SID_W - 1, -1, -1, dtype=np.int64)
-            self._seq_pow = 10 ** np.arange(SEQ_W - 1, -1, -1, dtype=np.int64)
-            self._ts_pow = 10 ** np.arange(TS_W - 1, -1, -1, dtype=np.int64)
-            self._pad = np.frombuffer(PAD, dtype=np.uint8)
+        self.ref = ref if (HAVE_NUMPY and not latency) else None
+        self.on_ref = self.ref is not None
+        if self.ref is not None:
+            self.ref.followers.append(self)
 
     def received(self) -> int:
-        return sum(self.next_seq.values())
+        # Every verified frame is a distinct, in-order message of a sender of
+        # this room, so the count of verified frames is the count received.
+        return self.frames
 
     def _fail(self, msg: str) -> None:
         if self.error is None:
@@ -142,33 +233,60 @@ class StreamVerifier:
         (stream end offset of a read, receive time ns) for latency."""
         if self.error is not None or n <= 0:
             return 0
-        if HAVE_NUMPY:
-            n = self._check_np(buf, n, base, marks)
+        if self.on_ref:
+            ok = self._check_ref(buf, n)
+        elif HAVE_NUMPY:
+            ok = self._check_np(buf, n, base, marks)
         else:
-            n = self._check_py(buf, n, base, marks)
-        self.frames += n
-        return n
+            ok = self._check_py(buf, n, base, marks)
+        self.frames += ok
+        return ok
+
+    def _check_ref(self, buf, n: int) -> int:
+        ref = self.ref
+        pos = self.frames * FRAME
+        size = n * FRAME
+        mv = memoryview(buf)
+        cov = min(size, ref.end - pos)
+        if cov < 0 or pos < ref.base:
+            self._fail("internal: member left behind by the shared stream")
+            return 0
+        if cov > 0 and not ref.buf.startswith(mv[:cov], pos - ref.base):
+            # Different bytes than the room's stream: from here on this
+            # member is checked on its own, from the state the shared stream
+            # had at this point (which its bytes so far matched).
+            self._leave_ref(pos)
+            return self._check_np(buf, n, pos, None)
+        if cov >= size:
+            return n
+        # Ahead of everyone: verify the new bytes and share them.
+        done = cov // FRAME
+        ok = ref.extend(mv[cov:size], n - done)
+        if ok < 0:
+            self._leave_ref(pos + cov)
+            ok = self._check_np(mv[cov:size], n - done, pos + cov, None)
+        return done + ok
+
+    def _leave_ref(self, pos: int) -> None:
+        self.on_ref = False
+        self.next_seq = self.ref.counts_at(pos)
 
     def _check_np(self, buf, n: int, base: int, marks) -> int:
         a = np.frombuffer(buf, dtype=np.uint8, count=n * FRAME).reshape(n, FRAME)
-        hdr_bad = (a[:, 0] != 0x81) | (a[:, 1] != 0x40)
-        if hdr_bad.any():
-            n = int(np.argmax(hdr_bad))
-            if n == 0:
+        x = a ^ _TEMPLATE_NP
+        if (x > _LIMIT_NP).any():
+            # Slow path, only when something is off: find the first bad row.
+            row = int(np.argmax((x > _LIMIT_NP).any(axis=1)))
+            if a[row, 0] != 0x81 or a[row, 1] != 0x40:
+                n = row         # not a data frame: the caller looks at it
+                if n == 0:
+                    return 0
+                a, x = a[:n], x[:n]
+            else:
+                self._fail("malformed payload in frame #%d: %r" % (self.frames + row, bytes(a[row][:24])))
                 return 0
-            a = a[:n]
-        p = a[:, 2:]
-        bad = (p[:, SID_W] != 58) | (p[:, SEQ_OFF + SEQ_W] != 58) | (p[:, TS_OFF + TS_W] != 58)
-        bad |= (p[:, PAD_OFF:] != self._pad).any(axis=1)
-        sid_d = p[:, SID_OFF:SID_OFF + SID_W] - np.uint8(48)
-        seq_d = p[:, SEQ_OFF:SEQ_OFF + SEQ_W] - np.uint8(48)
-        bad |= (sid_d > 9).any(axis=1) | (seq_d > 9).any(axis=1)
-        if bad.any():
-            i = int(np.argmax(bad))
-            self._fail("malformed payload in frame #%d: %r" % (self.frames + i, bytes(a[i][:24])))
-            return 0
-        sid = sid_d.astype(np.int64) @ self._sid_pow
-        seq = seq_d.astype(np.int64) @ self._seq_pow
+        sid = x[:, 2 + SID_OFF:2 + SID_OFF + SID_W].astype(np.int64) @ _SID_POW
+        seq = x[:, 2 + SEQ_OFF:2 + SEQ_OFF + SEQ_W].astype(np.int64) @ _SEQ_POW
         single = len(self.senders) == 1
         seen = 0
         for s in self.senders:
@@ -184,15 +302,11 @@ class StreamVerifier:
                            % (s, exp + j, int(q[j])))
                 return 0
             self.next_seq[s] = exp + len(q)
-        if (single and not (sid == self.senders[0]).all()) or (not single and seen != n):
+        if (single and (sid != self.senders[0]).any()) or (not single and seen != n):
             self._fail("frame from a sender that is not in this room")
             return 0
         if self.latency and marks:
-            ts_d = p[:, TS_OFF:TS_OFF + TS_W] - np.uint8(48)
-            if (ts_d > 9).any():
-                self._fail("malformed timestamp")
-                return 0
-            ts = ts_d.astype(np.int64) @ self._ts_pow
+            ts = x[:, 2 + TS_OFF:2 + TS_OFF + TS_W].astype(np.int64) @ _TS_POW
             ends = np.fromiter((m[0] for m in marks), dtype=np.int64, count=len(marks))
             times = np.fromiter((m[1] for m in marks), dtype=np.int64, count=len(marks))
             frame_ends = base + FRAME * np.arange(1, n + 1, dtype=np.int64)

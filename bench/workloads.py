@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from . import wire
-from .loadgen import (FRAME, Member, Room, Sender, SpotCheck, close_members,
-                      connect_members)
+from .loadgen import (FRAME, SMALL_BUF, Member, Pacer, Room, Sender, SpotCheck,
+                      close_members, connect_members)
 from .servers import ServerProcess
 
 try:
@@ -18,13 +18,14 @@ except ImportError:  # pragma: no cover
     psutil = None
 
 HOST = "127.0.0.1"
+TAIL = 200      # messages per sender after the measured window, spot-checked
 
 
 @dataclass
 class Settings:
     duration: float = 3.0       # measured seconds per run
     warmup: float = 1.0         # seconds of load before measuring
-    window: int = 64            # un-echoed messages per sender (fan-out)
+    window: int = 1024          # un-echoed messages per sender (fan-out)
     window_rooms: int = 16      # same, many-small-rooms workload
     lag_limit: int = 0          # 0: derived from window and senders
     concurrency: int = 100      # handshakes in flight while connecting
@@ -131,11 +132,15 @@ def _verdict(rooms: list[Room], spot: Optional[SpotCheck], server: ServerProcess
 
 
 async def _drain(rooms: list[Room], spot: Optional[SpotCheck], spot_room: Optional[Room],
-                 timeout: float) -> bool:
+                 joined: Optional[dict], timeout: float) -> bool:
+    """Wait (bounded) until every member has every message sent."""
     futs = [r.start_drain() for r in rooms]
     if spot is not None and spot_room is not None:
-        futs.append(spot.expect(spot_room.sent_total))
+        final = {m.sid: m.sent for m in spot_room.senders}
+        futs.append(spot.expect(joined or {sid: 0 for sid in final}, final))
     done, pending = await asyncio.wait(futs, timeout=timeout)
+    if spot is not None:
+        spot.finish()
     return not pending
 
 
@@ -164,11 +169,11 @@ async def _teardown(members: list[Member], spot: Optional[SpotCheck]) -> None:
 async def run_fanout(server: ServerProcess, w: Workload, s: Settings,
                      log: Callable[[str], None]) -> dict:
     n, k = w.params["members"], w.params["senders"]
-    lag = s.lag_limit or max(4 * k * s.window, 1024)
+    lag = s.lag_limit or min(max(2 * k * s.window, 1024), 8192)
     room = Room("/fanout", lag)
     sids = list(range(1, k + 1))
-    senders = [Sender(room, HOST, server.port, sids, sid, s.window) for sid in sids]
-    members = senders + [Member(room, HOST, server.port, sids) for _ in range(n - k)]
+    senders = [Sender(room, sids, sid, s.window) for sid in sids]
+    members = senders + [Member(room, sids) for _ in range(n - k)]
     return await _throughput(server, [room], members, senders, room, sids, s, log,
                              extra=dict(members=n, senders=k, window=s.window, lag_limit=lag))
 
@@ -182,7 +187,7 @@ async def run_rooms(server: ServerProcess, w: Workload, s: Settings,
         room = Room("/small-%d" % r, lag)
         sids = [r * size + j + 1 for j in range(size)]
         for sid in sids:
-            members.append(Sender(room, HOST, server.port, sids, sid, s.window_rooms))
+            members.append(Sender(room, sids, sid, s.window_rooms))
         rooms.append(room)
     first = rooms[0]
     return await _throughput(server, rooms, members, members, first,
@@ -194,9 +199,13 @@ async def run_rooms(server: ServerProcess, w: Workload, s: Settings,
 async def _throughput(server, rooms, members, senders, spot_room, spot_sids, s, log, extra) -> dict:
     meter = Meter(server)
     spot = None
+    pacer = Pacer()
     try:
         await _open(server, members, s, log)
-        spot = await _spot(server, spot_room, spot_sids, s)
+        for m in members:
+            # Senders read at once (echoes open their window); receivers
+            # are read in rounds (see loadgen's docstring).
+            m.start_reading(None if isinstance(m, Sender) else pacer)
         for snd in senders:
             snd.running = True
         for snd in senders:
@@ -205,27 +214,34 @@ async def _throughput(server, rooms, members, senders, spot_room, spot_sids, s, 
         a = meter.snap(members)
         await asyncio.sleep(s.duration)
         b = meter.snap(members)
-        for snd in senders:
-            snd.running = False
-        drained = await _drain(rooms, spot, spot_room, s.drain_timeout)
+        # Tail: the websockets spot check joins while the load goes on, and
+        # every sender sends TAIL more messages that it must all receive.
+        joined = None
+        if s.spot_check:
+            spot = await _spot(server, spot_room, spot_sids, s)
+            joined = {m.sid: m.sent for m in spot_room.senders}
+        tail = [snd.stop_after(TAIL if spot is not None else 0) for snd in senders]
+        await asyncio.wait_for(asyncio.gather(*tail), s.drain_timeout)
+        drained = await _drain(rooms, spot, spot_room, joined, s.drain_timeout)
         res = _window(a, b)
         res["value"] = res["deliveries"] / res["wall"]
         res["messages_sent"] = sum(r.sent_total for r in rooms)
         res["lag_waits"] = sum(r.lag_waits for r in rooms)
+        res["paced_bytes_per_read"] = pacer.read_bytes / pacer.reads if pacer.reads else None
         res.update(extra)
         res.update(_verdict(rooms, spot, server, drained))
         return res
     finally:
         await _teardown(members, spot)
+        pacer.close()
 
 
 async def run_latency(server: ServerProcess, w: Workload, s: Settings,
                       log: Callable[[str], None]) -> dict:
     n, rate = w.params["members"], w.params["rate"]
     room = Room("/latency", 1 << 40)   # open loop: never throttled
-    sender = Sender(room, HOST, server.port, [1], 1, 1, latency=True)
-    members = [sender] + [Member(room, HOST, server.port, [1], latency=True)
-                          for _ in range(n - 1)]
+    sender = Sender(room, [1], 1, 1, latency=True)
+    members = [sender] + [Member(room, [1], latency=True) for _ in range(n - 1)]
     meter = Meter(server)
     loop = asyncio.get_running_loop()
     spot = None
@@ -233,6 +249,8 @@ async def run_latency(server: ServerProcess, w: Workload, s: Settings,
     try:
         await _open(server, members, s, log)
         spot = await _spot(server, room, [1], s)
+        for m in members:
+            m.start_reading(None)   # latency: every read as soon as possible
         t0 = time.monotonic()
         interval = 0.001
 
@@ -253,7 +271,7 @@ async def run_latency(server: ServerProcess, w: Workload, s: Settings,
         t_to = time.monotonic_ns()
         b = meter.snap(members)
         ticker.cancel()
-        drained = await _drain([room], spot, room, s.drain_timeout)
+        drained = await _drain([room], spot, room, None, s.drain_timeout)
         res = _window(a, b)
         res.update(_verdict([room], spot, server, drained))
         lat = wire.latency_samples([m.verifier for m in members], t_from, t_to)
@@ -276,13 +294,14 @@ async def run_connections(server: ServerProcess, w: Workload, s: Settings,
     for r in range((n + size - 1) // size):
         room = Room("/idle-%d" % r, 1 << 40)
         sid = r + 1
-        snd = Sender(room, HOST, server.port, [sid], sid, 1)
+        snd = Sender(room, [sid], sid, 1, buf_size=SMALL_BUF)
         senders.append(snd)
         members.append(snd)
         for _ in range(min(size, n - r * size) - 1):
-            members.append(Member(room, HOST, server.port, [sid]))
+            members.append(Member(room, [sid], buf_size=SMALL_BUF))
         rooms.append(room)
     spot = None
+    pacer = Pacer()
     try:
         rss0 = meter.rss()
         cpu0, srv0 = time.process_time(), meter.server_cpu()
@@ -290,10 +309,12 @@ async def run_connections(server: ServerProcess, w: Workload, s: Settings,
         cpu1, srv1 = time.process_time(), meter.server_cpu()
         rss1 = meter.rss()
         spot = await _spot(server, rooms[0], [1], s)
+        for m in members:
+            m.start_reading(pacer)
         # Liveness: one message per room must reach every idle member.
         for snd in senders:
             snd.send(1)
-        drained = await _drain(rooms, spot, rooms[0], s.drain_timeout)
+        drained = await _drain(rooms, spot, rooms[0], None, s.drain_timeout)
         wall = t1 - t0
         res = dict(wall=wall, clients=n, room_size=size, value=n / wall,
                    client_cpu=(cpu1 - cpu0) / wall, server_cpu=(srv1 - srv0) / wall,
@@ -303,6 +324,7 @@ async def run_connections(server: ServerProcess, w: Workload, s: Settings,
         return res
     finally:
         await _teardown(members, spot)
+        pacer.close()
 
 
 RUNNERS = {"fanout": run_fanout, "latency": run_latency, "rooms": run_rooms,

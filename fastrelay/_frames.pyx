@@ -56,6 +56,12 @@ cdef extern from "<sys/socket.h>" nogil:
     ssize_t sendmsg(int fd, const msghdr *msg, int flags)
     int MSG_NOSIGNAL
     int MSG_DONTWAIT
+    struct linger:
+        int l_onoff
+        int l_linger
+    int setsockopt(int fd, int level, int name, const void *value, unsigned int size)
+    int SOL_SOCKET
+    int SO_LINGER
 
 
 cdef extern from "<errno.h>" nogil:
@@ -450,6 +456,10 @@ cdef class Hub:
     cdef readonly Py_ssize_t max_message_size
     cdef readonly Py_ssize_t max_backlog
     cdef readonly bint drop_slow
+    # Per-connection message-rate limit: messages per tick (0 = none); the
+    # server calls tick() once a second, so the hot path reads no clock.
+    cdef readonly Py_ssize_t max_rate
+    cdef unsigned long long epoch
 
     # Encoded frames of this loop turn.
     cdef char *arena
@@ -485,7 +495,8 @@ cdef class Hub:
         self.shared_read = NULL
 
     def __init__(self, loop, *, bint echo=True, Py_ssize_t max_message_size=1048576,
-                 Py_ssize_t max_backlog=1048576, str slow_client_policy="disconnect"):
+                 Py_ssize_t max_backlog=1048576, str slow_client_policy="disconnect",
+                 Py_ssize_t max_messages_per_second=0):
         if slow_client_policy not in ("disconnect", "drop"):
             raise ValueError("slow_client_policy must be 'disconnect' or 'drop'")
         self.loop = loop
@@ -495,6 +506,7 @@ cdef class Hub:
         self.max_message_size = max_message_size
         self.max_backlog = max_backlog
         self.drop_slow = slow_client_policy == "drop"
+        self.max_rate = max_messages_per_second
         self.closes = {}
         self.arena_cap = 65536
         self.arena = <char *>malloc(self.arena_cap)
@@ -532,6 +544,10 @@ cdef class Hub:
             "slow_client_drops_total": self.slow_drops,
             "closes": dict(self.closes),
         }
+
+    def tick(self):
+        """Start a new one-second window for the message-rate limit."""
+        self.epoch += 1
 
     cdef inline void count_close(self, int code):
         self.closes[code] = self.closes.get(code, 0) + 1
@@ -635,7 +651,8 @@ cdef class Connection:
     cdef readonly Room room
     cdef Py_ssize_t room_index
     cdef readonly object transport
-    cdef int fd                      # -1: write through the transport (TLS)
+    cdef int fd                      # the socket, or -1 once closed
+    cdef bint direct                 # False: write through the transport (TLS)
     cdef readonly int state
 
     # Bytes of an unfinished frame (or of the request head) kept between reads.
@@ -661,6 +678,9 @@ cdef class Connection:
     cdef bint via_transport          # transport still holds bytes of ours
     cdef readonly Py_ssize_t backlog
 
+    cdef unsigned long long rate_epoch
+    cdef Py_ssize_t rate_count
+
     cdef readonly int close_code     # what was sent or received, for logs
     cdef readonly bint pong_received
 
@@ -685,10 +705,10 @@ cdef class Connection:
 
     def connection_made(self, transport):
         self.transport = transport
-        if transport.get_extra_info("sslcontext") is None:
-            sock = transport.get_extra_info("socket")
-            if sock is not None:
-                self.fd = sock.fileno()
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self.fd = sock.fileno()
+            self.direct = transport.get_extra_info("sslcontext") is None
 
     def connection_lost(self, exc):
         if self.state == ST_OPEN:
@@ -700,6 +720,7 @@ cdef class Connection:
             self.leave_room()
         self.state = ST_CLOSED
         self.fd = -1
+        self.direct = False
         self.npending = 0
         self.close_after_flush = False
         self.transport = None
@@ -850,6 +871,9 @@ cdef class Connection:
                         self.fail(CLOSE_INVALID_DATA, b"invalid UTF-8")
                         return total
                 if h.fin:
+                    if self.over_rate():
+                        self.fail(CLOSE_POLICY, b"message rate limit exceeded")
+                        return total
                     hub.broadcast(self, h.opcode, <char *>payload, n)
                 else:
                     self.frag_opcode = h.opcode
@@ -866,6 +890,9 @@ cdef class Connection:
                         return total
                 self.append_fragment(payload, n)
                 if h.fin:
+                    if self.over_rate():
+                        self.fail(CLOSE_POLICY, b"message rate limit exceeded")
+                        return total
                     hub.broadcast(self, self.frag_opcode, self.fbuf, self.flen)
                     self.frag_opcode = 0
                     self.release_fragments()
@@ -879,6 +906,17 @@ cdef class Connection:
                 self.on_close_frame(payload, n)
                 return total
         return pos
+
+    cdef inline bint over_rate(self) noexcept:
+        """Count one message against the limit of the current window."""
+        cdef Hub hub = self.hub
+        if hub.max_rate == 0:
+            return False
+        if self.rate_epoch != hub.epoch:
+            self.rate_epoch = hub.epoch
+            self.rate_count = 0
+        self.rate_count += 1
+        return self.rate_count > hub.max_rate
 
     cdef int keep_rest(self, char *data, size_t total, size_t used) except -1:
         """Keep the bytes of an unfinished frame for the next read."""
@@ -983,11 +1021,17 @@ cdef class Connection:
             self.close_transport()
 
     def abort(self):
-        """Drop the connection now, without a close handshake."""
+        """Drop the connection now, without a close handshake: a reset, so
+        that bytes still in the kernel's send buffer are discarded too."""
+        cdef linger reset
         if self.room is not None:
             self.leave_room()
         self.state = ST_CLOSED
         if self.transport is not None:
+            if self.fd >= 0:
+                reset.l_onoff = 1
+                reset.l_linger = 0
+                setsockopt(self.fd, SOL_SOCKET, SO_LINGER, &reset, sizeof(reset))
             self.transport.abort()
 
     cdef int start_close(self, int code, str reason) except -1:
@@ -1084,9 +1128,9 @@ cdef class Connection:
         cdef size_t total
         if self.npending == 0 or self.transport is None:
             return 0
-        if self.via_transport and self.fd >= 0:
+        if self.via_transport and self.direct:
             self.refresh_backlog()
-        if self.fd >= 0 and not self.via_transport:
+        if self.direct and not self.via_transport:
             # Direct path: nothing of ours is queued in the transport, so a
             # write to the socket keeps the byte order.
             while first < self.npending:

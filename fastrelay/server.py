@@ -134,6 +134,7 @@ class Relay:
         self.demo_page = _demo_page() if cfg.relay.serve_demo else None
         self.port = 0
         self._keepalive: asyncio.TimerHandle | None = None
+        self._rate_window: asyncio.TimerHandle | None = None
 
     @property
     def url(self) -> str:
@@ -159,6 +160,7 @@ class Relay:
             max_message_size=self.cfg.relay.max_message_size,
             max_backlog=self.cfg.limits.max_backlog,
             slow_client_policy=self.cfg.limits.slow_client_policy,
+            max_messages_per_second=self.cfg.limits.max_messages_per_second,
         )
         self.server = await self.loop.create_server(
             lambda: RelayProtocol(self),
@@ -172,6 +174,12 @@ class Relay:
         self.accepting = True
         if self.cfg.timeouts.ping_interval > 0:
             self._keepalive = self.loop.call_later(self.cfg.timeouts.ping_interval, self._ping_all)
+        if self.cfg.limits.max_messages_per_second:
+            self._tick()
+
+    def _tick(self) -> None:
+        self.hub.tick()
+        self._rate_window = self.loop.call_later(1.0, self._tick)
 
     def count_handshake_failure(self, reason: str) -> None:
         self.handshake_failures[reason] = self.handshake_failures.get(reason, 0) + 1
@@ -200,8 +208,9 @@ class Relay:
         """Stop accepting, send 1001 to everyone, wait for their close frames
         up to `timeout`, then drop whoever is left."""
         self.accepting = False
-        if self._keepalive is not None:
-            self._keepalive.cancel()
+        for timer in (self._keepalive, self._rate_window):
+            if timer is not None:
+                timer.cancel()
         if self.server is not None:
             self.server.close()
         self.all_gone = asyncio.Event()

@@ -194,7 +194,9 @@ def _decide(head: str, consumed: int, limits: Limits) -> Accept | Refuse | Plain
         return refuse("bad_request", "missing or malformed Sec-WebSocket-Key")
     if limits.allowed_origins:
         origin = single("origin")
-        if origin not in limits.allowed_origins:
+        # Scheme and host are case-insensitive (RFC 6454 §6.2); the
+        # configured list is lower-cased when loaded.
+        if origin is None or origin.lower() not in limits.allowed_origins:
             return refuse("forbidden_origin", f"origin {origin!r} not allowed")
 
     response = ("HTTP/1.1 101 Switching Protocols\r\n"

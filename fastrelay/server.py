@@ -91,11 +91,9 @@ class RelayProtocol(Connection):
 
     def on_close(self, code: int, reason: str, by_peer: bool) -> None:
         relay = self.relay
-        if code in (1002, 1007, 1009):
-            relay.log.info("closing %s: %d %s", self.peer, code, reason)
-        else:
-            relay.log.debug("closing %s: %d %s (%s)", self.peer, code, reason,
-                            "by peer" if by_peer else "by server")
+        # Per connection, so debug; protocol errors are counted in metrics.
+        relay.log.debug("closing %s: %d %s (%s)", self.peer, code, reason,
+                        "by peer" if by_peer else "by server")
         if not by_peer and self.timer is None:
             # We sent the close: wait for the peer's, then drop it anyway.
             self.timer = relay.loop.call_later(relay.cfg.timeouts.close, self.abort)

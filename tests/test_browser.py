@@ -3,8 +3,8 @@ real fastrelay process.
 
 Needs Debian's chromium at /usr/bin/chromium and the playwright python
 package (driver only, no browser download): `.ci/install-browser.sh` installs
-both. Without them these tests are skipped, except under CI (CI=true) where a
-missing browser is a failure, so that a green run cannot hide it.
+both. Without them these tests fail (never skip), so that a green run cannot
+hide a missing browser.
 
 FASTRELAY_CMD (optional) replaces `python -m fastrelay` as the server command,
 e.g. to run the page against another build; it gets `--config-file FILE`.
@@ -56,9 +56,7 @@ except ImportError:  # pragma: no cover - depends on the machine
 
 
 def _missing_browser(reason: str):
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(f"{reason}: run .ci/install-browser.sh before the tests", pytrace=False)
-    pytest.skip(f"{reason} (run .ci/install-browser.sh)")
+    pytest.fail(f"{reason}: run .ci/install-browser.sh before the tests", pytrace=False)
 
 
 # --------------------------------------------------------------------------

@@ -24,6 +24,7 @@ class RelayProcess:
     url: str
     metrics_url: str | None
     config_path: Path
+    log_path: Path
 
     def ws(self, path: str = "/") -> str:
         return f"ws://127.0.0.1:{self.port}{path}"
@@ -83,19 +84,20 @@ def start_relay(tmp_path: Path, overrides: dict | None = None, *, name: str = "r
     }, overrides or {})
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fastrelay", "--config-file", str(path)],
-        stdout=subprocess.PIPE, stderr=open(tmp_path / f"{name}.log", "ab"),
-        cwd=tmp_path,
-    )
+    log_path = tmp_path / f"{name}.log"
+    with open(log_path, "ab") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fastrelay", "--config-file", str(path)],
+            stdout=subprocess.PIPE, stderr=stderr, cwd=tmp_path,
+        )
     try:
         url, metrics = read_startup(proc, bool(config["metrics"].get("enabled")))
-    except Exception:
+    except RuntimeError:
         proc.kill()
         proc.wait(5)
-        raise RuntimeError((tmp_path / f"{name}.log").read_text())
+        raise RuntimeError(log_path.read_text()) from None
     port = int(url.rstrip("/").rsplit(":", 1)[1])
-    return RelayProcess(proc, port, url, metrics, path)
+    return RelayProcess(proc, port, url, metrics, path, log_path)
 
 
 @pytest.fixture

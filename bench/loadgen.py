@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import hashlib
 import os
 import select
@@ -38,7 +39,7 @@ import time
 from typing import Callable, Optional
 
 from . import wire
-from .wire import CFRAME, FRAME, FrameFactory, RefStream, StreamVerifier
+from .wire import BLOCK, CFRAME, FRAME, FrameFactory, RefStream, StreamVerifier
 
 VERIFY_AT = 96 * 1024    # bytes buffered by a client before a bulk check
 BUF_SIZE = 128 * 1024    # per-client receive buffer (fixed, never resized)
@@ -85,9 +86,11 @@ class Room:
         return self.ref
 
     def add(self, member: "Member") -> None:
-        self.members.append(member)
         if isinstance(member, Sender):
+            if any(s.sid % 10 == member.sid % 10 for s in self.senders):
+                raise ValueError("senders of a room need distinct last digits (echo counting)")
             self.senders.append(member)
+        self.members.append(member)
 
     def budget(self) -> int:
         return self.lag_limit - (self.sent_total - self.floor)
@@ -239,35 +242,11 @@ class Member:
         room.add(self)
 
     # -- connection ------------------------------------------------------
-    async def connect(self, host: str, port: int) -> None:
-        loop = asyncio.get_running_loop()
-        request, accept = upgrade_request(host, port, self.room.path)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        # Senders write a few frames at a time; Nagle would hold them back.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock = sock
-        try:
-            await loop.sock_connect(sock, (host, port))
-            await loop.sock_sendall(sock, request)
-            head = b""
-            while True:
-                chunk = await loop.sock_recv(sock, 65536)
-                if not chunk:
-                    raise HandshakeError("connection closed during handshake")
-                head += chunk
-                end = head.find(b"\r\n\r\n")
-                if end >= 0:
-                    break
-                if len(head) > 65536:
-                    raise HandshakeError("response head too long")
-        except BaseException:
-            sock.close()
-            self.sock = None
-            raise
+    def handshake_done(self, sock: socket.socket, head: bytes, accept: bytes) -> None:
+        """Check the server's 101 response (head: everything read so far)."""
+        end = head.find(b"\r\n\r\n")
         lines = head[:end].decode("latin-1").split("\r\n")
         if not lines[0].startswith("HTTP/1.1 101"):
-            sock.close()
             raise HandshakeError("server answered %r" % lines[0])
         got = None
         for line in lines[1:]:
@@ -275,10 +254,10 @@ class Member:
             if name.strip().lower() == "sec-websocket-accept":
                 got = value.strip().encode()
         if got != accept:
-            sock.close()
             raise HandshakeError("bad Sec-WebSocket-Accept %r" % got)
+        self.sock = sock
         self.fd = sock.fileno()
-        self.closed = loop.create_future()
+        self.closed = asyncio.get_running_loop().create_future()
         rest = head[end + 4:]
         if rest:  # frames may follow the 101 response in the same read
             self._ingest(rest)
@@ -503,8 +482,8 @@ class Sender(Member):
 
     def __init__(self, room: Room, senders: list[int], sid: int, window: int,
                  latency: bool = False, buf_size: int = BUF_SIZE) -> None:
+        self.sid = sid          # before Member.__init__, which joins the room
         super().__init__(room, senders, latency, buf_size)
-        self.sid = sid
         self.marker = wire.sender_marker(sid)
         self.scan = 0
         self.echoed = 0
@@ -515,15 +494,33 @@ class Sender(Member):
         self.limit = INF        # stop sending at this many messages
         self.at_limit: Optional[asyncio.Future] = None
         self.factory: Optional[FrameFactory] = None
-        self.block_n = min(max(8 * window, 256), 8192)
         self.block = memoryview(b"")
-        self.block_seq0 = 0
+        self.block_seq0 = -BLOCK
+        # Echo counting reads one byte per frame: the last digit of the
+        # sender id, unique within a room (Room.add() checks).
+        self.last_digit = ord(str(sid % 10))
+        self.aligned = True
 
     def _received(self, n: int) -> None:
-        # Count own echoes among complete markers; a marker can only start
-        # a frame (0x81 is not ASCII), so frame alignment does not matter.
-        self.echoed += self.buf.count(self.marker, self.scan, self.w)
-        self.scan = max(self.scan, self.w - (len(self.marker) - 1))
+        buf, scan, w = self.buf, self.scan, self.w
+        if self.aligned:
+            # Frames are 66 bytes back to back: look at every 66th byte
+            # (header, then id digit) instead of searching all bytes.
+            end = scan + (w - scan) // FRAME * FRAME
+            if end > scan:
+                cnt = (end - scan) // FRAME
+                if (buf[scan:end:FRAME].count(0x81) == cnt
+                        and buf[scan + 1:end:FRAME].count(0x40) == cnt):
+                    self.echoed += buf[scan + 7:end:FRAME].count(self.last_digit)
+                    self.scan = end
+                else:
+                    # A control frame broke the 66-byte grid: search for
+                    # the marker (which only ever starts a frame) until the
+                    # next flush() puts the buffer back on the grid.
+                    self.aligned = False
+        if not self.aligned:
+            self.echoed += buf.count(self.marker, self.scan, w)
+            self.scan = max(self.scan, w - (len(self.marker) - 1))
         super()._received(n)
         if self.running:
             self.refill()
@@ -531,6 +528,20 @@ class Sender(Member):
     def _consume(self, nbytes: int) -> None:
         super()._consume(nbytes)
         self.scan = max(0, self.scan - nbytes)
+
+    def flush(self) -> None:
+        super().flush()
+        if (not self.aligned and self.w < FRAME and (not self.w or self.buf[0] == 0x81)
+                and self.verifier.error is None):
+            # Back on the grid with no complete frame left unverified: the
+            # verified stream says exactly how many of our messages came back.
+            v = self.verifier
+            if v.on_ref:
+                self.echoed = v.ref.counts_at(v.frames * FRAME)[self.sid]
+            else:
+                self.echoed = v.next_seq[self.sid]
+            self.scan = 0
+            self.aligned = True
 
     def refill(self) -> None:
         k = min(self.window - (self.sent - self.echoed), self.limit - self.sent)
@@ -552,19 +563,20 @@ class Sender(Member):
         self.send(k)
 
     def send(self, k: int) -> None:
-        off = (self.sent - self.block_seq0) * CFRAME
-        end = off + k * CFRAME
-        if end <= len(self.block):
-            data = self.block[off:end]
-        else:
-            if self.factory is None:
-                self.factory = FrameFactory(self.sid, self.mask)
-            head = bytes(self.block[off:])
-            seq0 = self.sent + len(head) // CFRAME
-            self.block = memoryview(self.factory.block(seq0, max(self.block_n, k)))
-            self.block_seq0 = seq0
-            rest = k - len(head) // CFRAME
-            data = head + bytes(self.block[:rest * CFRAME])
+        parts = []
+        seq, left = self.sent, k
+        while left:
+            if not self.block_seq0 <= seq < self.block_seq0 + BLOCK:
+                if self.factory is None:
+                    self.factory = FrameFactory(self.sid, self.mask)
+                self.block = memoryview(self.factory.block(seq // BLOCK))
+                self.block_seq0 = seq - seq % BLOCK
+            off = seq - self.block_seq0
+            take = min(left, BLOCK - off)
+            parts.append(self.block[off * CFRAME:(off + take) * CFRAME])
+            seq += take
+            left -= take
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
         self.write(data)
         self.sent += k
         self.room.sent_total += k
@@ -692,31 +704,129 @@ class SpotCheck:
                 pass
 
 
+class Connector:
+    """Opens many connections with at most `concurrency` handshakes in
+    flight (a burst of thousands of SYNs would overflow the accept backlog
+    and measure TCP retransmission timers instead of the server).
+
+    Sockets in progress sit in a private epoll set whose own fd the event
+    loop watches, so each step (connected, response readable) is one poll
+    result and a few syscalls: no task, future or reader registration per
+    connection, which would cost the load generator more than the server.
+    """
+
+    def __init__(self, host: str, port: int, concurrency: int) -> None:
+        self.addr = (host, port)
+        self.host, self.port = host, port
+        self.concurrency = concurrency
+        self.loop = asyncio.get_running_loop()
+        self.ep = select.epoll()
+        self.inflight: dict[int, list] = {}  # fd -> [member, sock, request, accept, head]
+        self.members: list[Member] = []
+        self.next = 0
+        self.done = 0
+        self.result: Optional[asyncio.Future] = None
+        self.progress: Optional[Callable[[int], None]] = None
+
+    async def run(self, members: list[Member],
+                  progress: Optional[Callable[[int], None]] = None) -> tuple[float, float]:
+        self.members, self.next, self.done = members, 0, 0
+        self.progress = progress
+        self.result = self.loop.create_future()
+        t0 = time.perf_counter()
+        if not members:
+            return t0, t0
+        self.loop.add_reader(self.ep.fileno(), self._on_events)
+        try:
+            for _ in range(min(self.concurrency, len(members))):
+                self._start_one()
+            await self.result
+        finally:
+            self.loop.remove_reader(self.ep.fileno())
+            for fd, st in list(self.inflight.items()):
+                self.ep.unregister(fd)
+                st[1].close()
+            self.inflight.clear()
+        return t0, time.perf_counter()
+
+    def close(self) -> None:
+        self.ep.close()
+
+    def _fail(self, exc: BaseException) -> None:
+        if not self.result.done():
+            self.result.set_exception(exc)
+
+    def _start_one(self) -> None:
+        if self.next >= len(self.members):
+            return
+        m = self.members[self.next]
+        self.next += 1
+        request, accept = upgrade_request(self.host, self.port, m.room.path)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        # Senders write a few frames at a time; Nagle would hold them back.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        err = sock.connect_ex(self.addr)
+        if err not in (0, errno.EINPROGRESS):
+            sock.close()
+            self._fail(OSError(err, "connect: %s" % os.strerror(err)))
+            return
+        fd = sock.fileno()
+        self.inflight[fd] = [m, sock, request, accept, b""]
+        self.ep.register(fd, select.EPOLLOUT)
+
+    def _on_events(self) -> None:
+        for fd, ev in self.ep.poll(0):
+            st = self.inflight.get(fd)
+            if st is None:
+                continue
+            m, sock, request, accept, head = st
+            try:
+                if request is not None:         # connect finished
+                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    if err:
+                        raise OSError(err, "connect: %s" % os.strerror(err))
+                    if sock.send(request) != len(request):
+                        raise HandshakeError("upgrade request not sent at once")
+                    st[2] = None
+                    self.ep.modify(fd, select.EPOLLIN)
+                    continue
+                data = sock.recv(65536)
+                if not data:
+                    raise HandshakeError("connection closed during handshake")
+                head += data
+                if head.find(b"\r\n\r\n") < 0:
+                    if len(head) > 65536:
+                        raise HandshakeError("response head too long")
+                    st[4] = head
+                    continue
+                self.ep.unregister(fd)
+                del self.inflight[fd]
+                m.handshake_done(sock, head, accept)
+            except BlockingIOError:
+                continue
+            except (OSError, HandshakeError) as exc:
+                self._fail(exc)
+                return
+            self.done += 1
+            if self.progress is not None and self.done % 1000 == 0:
+                self.progress(self.done)
+            if self.done == len(self.members):
+                if not self.result.done():
+                    self.result.set_result(None)
+                return
+            self._start_one()
+
+
 async def connect_members(host: str, port: int, members: list[Member], concurrency: int,
                           timeout: float,
                           progress: Optional[Callable[[int], None]] = None) -> tuple[float, float]:
-    """Open every member's connection, at most `concurrency` handshakes in
-    flight (a burst of thousands of SYNs would overflow the accept backlog
-    and measure TCP retransmission timers). Returns (start, end) times."""
-    it = iter(members)
-    done = 0
-
-    async def worker() -> None:
-        nonlocal done
-        for m in it:
-            await m.connect(host, port)
-            done += 1
-            if progress is not None and done % 1000 == 0:
-                progress(done)
-
-    t0 = time.perf_counter()
-    workers = [asyncio.ensure_future(worker()) for _ in range(min(concurrency, len(members)))]
+    """Open every member's connection; returns (start, end) times."""
+    conn = Connector(host, port, concurrency)
     try:
-        await asyncio.wait_for(asyncio.gather(*workers), timeout)
+        return await asyncio.wait_for(conn.run(members, progress), timeout)
     finally:
-        for w in workers:
-            w.cancel()
-    return t0, time.perf_counter()
+        conn.close()
 
 
 async def close_members(members: list[Member], timeout: float = 5.0) -> None:

@@ -48,8 +48,8 @@ def summarise(runs: list[dict], workloads: list, servers: list[str]) -> list[dic
                        reps=len(rs), ok=all(r.get("ok") for r in rs),
                        loss=sum(r.get("loss", 0) for r in rs),
                        errors=[e for r in rs for e in r.get("errors", [])][:5])
-            for key in ("value", "client_cpu", "server_cpu", "p50_ms", "p99_ms", "max_ms",
-                        "rss_per_conn"):
+            for key in ("value", "client_cpu", "server_cpu", "other_cpu", "p50_ms", "p99_ms",
+                        "max_ms", "rss_per_conn"):
                 st = _stats([r.get(key) for r in done])
                 if st is not None:
                     row[key] = st
@@ -98,14 +98,15 @@ def kib(x: Optional[float]) -> str:
 
 def table(summary: list[dict]) -> str:
     head = ["workload", "server", "result (median)", "min – max", "vs fastrelay",
-            "client CPU", "server CPU", "verified"]
+            "client CPU", "server CPU", "other CPU", "verified"]
     rows = []
     for row in summary:
         res, rng, vs = _result_cells(row)
         verified = "ok" if row["ok"] else ("LOSS %d" % row["loss"] if row["loss"] else "FAILED")
         rows.append([row["label"], row["server"], res, rng, vs,
                      pct(row.get("client_cpu", {}).get("median")),
-                     pct(row.get("server_cpu", {}).get("median")), verified])
+                     pct(row.get("server_cpu", {}).get("median")),
+                     pct(row.get("other_cpu", {}).get("max")), verified])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
 
     def line(cells: list) -> str:

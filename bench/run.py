@@ -172,18 +172,24 @@ def progress_cell(w, r: dict) -> str:
                                            report.ms(r["max_ms"]))
     else:
         main = "%s handshakes/s %s/conn" % (report.si(r["value"]), report.kib(r.get("rss_per_conn")))
-    return "%s  client %s server %s" % (main, report.pct(r.get("client_cpu")),
-                                        report.pct(r.get("server_cpu")))
+    other = r.get("other_cpu") or 0
+    return "%s  client %s server %s%s" % (
+        main, report.pct(r.get("client_cpu")), report.pct(r.get("server_cpu")),
+        "  (other processes %s!)" % report.pct(other) if other > 0.05 else "")
 
 
 async def one_run(spec: ServerSpec, w, s: Settings, server_cpu, log) -> dict:
     server = ServerProcess(spec, server_cpu)
     try:
         server.start()
-        budget = s.warmup + s.duration + s.drain_timeout + s.connect_timeout + 60
+        budget = s.warmup + s.duration + 2 * s.drain_timeout + s.connect_timeout + 60
+        # The cyclic GC would pause the load generator at random points of
+        # the measurement; runs are short, so collect between runs instead.
+        gc.disable()
         res = await asyncio.wait_for(RUNNERS[w.kind](server, w, s, log), budget)
         return res
     finally:
+        gc.enable()
         rc = server.stop()
         if rc not in (0, None, -15):
             log("    note: %s exited with code %s; stderr: %s"
@@ -257,6 +263,11 @@ async def main_async(args: argparse.Namespace) -> int:
     if bound:
         log("caveat: load generator CPU > 90%% in: %s (figures there are a lower bound)"
             % ", ".join("%s/%s" % (r["label"], r["server"]) for r in bound))
+    noisy = [row for row in summary if row.get("other_cpu", {}).get("max", 0) > 0.05]
+    if noisy:
+        log("caveat: the machine was not quiet: other processes used up to %s of a CPU in %d of "
+            "%d rows (see 'other CPU'); rerun on an idle machine for figures to quote"
+            % (report.pct(max(r["other_cpu"]["max"] for r in noisy)), len(noisy), len(summary)))
     failed = [r for r in runs if not r.get("ok")]
 
     out = args.json or os.path.join(ROOT, "bench", "results", "quick.json" if args.quick else "latest.json")
@@ -266,7 +277,7 @@ async def main_async(args: argparse.Namespace) -> int:
     log("wrote %s" % os.path.relpath(out))
     md = args.markdown or (None if args.quick else os.path.join(ROOT, "bench", "RESULTS.md"))
     if md:
-        write_markdown(md, meta, tbl, bound, failed)
+        write_markdown(md, meta, tbl, bound, noisy, failed)
         log("wrote %s" % os.path.relpath(md))
     if failed:
         log("%d of %d runs did not verify (loss, errors or failures): exit 1" % (len(failed), len(runs)))
@@ -275,7 +286,8 @@ async def main_async(args: argparse.Namespace) -> int:
     return 0
 
 
-def write_markdown(path: str, meta: dict, tbl: str, bound: list, failed: list) -> None:
+def write_markdown(path: str, meta: dict, tbl: str, bound: list, noisy: list,
+                   failed: list) -> None:
     m = meta["machine"]
     vers = ", ".join("%s %s" % (k, v) for k, v in m["versions"].items() if v)
     lines = [
@@ -292,7 +304,8 @@ def write_markdown(path: str, meta: dict, tbl: str, bound: list, failed: list) -
         "- %s; %d repetitions, servers interleaved; %.1fs warmup + %.1fs measured per run"
         % (meta["pinning"], meta["reps"], meta["settings"]["warmup"], meta["settings"]["duration"]),
         "- result = median over repetitions, with min – max; client CPU = load generator "
-        "process CPU time / wall time; server CPU likewise for the server process",
+        "process CPU time / wall time, server CPU likewise for the server process (medians); "
+        "other CPU = all other processes on the machine (highest repetition)",
         "",
         tbl,
         "",
@@ -300,6 +313,11 @@ def write_markdown(path: str, meta: dict, tbl: str, bound: list, failed: list) -
     if bound:
         lines.append("Load generator above 90%% CPU (figures are a lower bound for the server): %s."
                      % ", ".join("%s/%s" % (r["label"], r["server"]) for r in bound))
+        lines.append("")
+    if noisy:
+        lines.append("The machine was not quiet: other processes used more than 5%% of a CPU "
+                     "during %d of %d rows (column 'other CPU')." % (len(noisy), len(meta["workloads"])
+                                                                     * len(meta["servers"])))
         lines.append("")
     if failed:
         lines.append("%d run(s) did not verify; see the JSON for details." % len(failed))

@@ -72,34 +72,45 @@ def close_frame(key: bytes, code: int = 1000) -> bytes:
     return b"\x88\x82" + key + mask_bytes(code.to_bytes(2, "big"), key)
 
 
+BLOCK = 1000    # frames per pre-built block; blocks start at multiples of it
+
+if HAVE_NUMPY:
+    # The last three sequence digits of 1000 consecutive frames, as ASCII.
+    _LOW3 = np.array([list(b"%03d" % i) for i in range(BLOCK)], dtype=np.uint8)
+
+
 class FrameFactory:
-    """Pre-builds a sender's masked frames in blocks (timestamp field 0).
+    """Pre-builds a sender's masked frames, 1000 at a time (timestamp 0).
 
     Throughput workloads send as fast as the window allows; building frames
     one by one in Python would make the client, not the server, the limit.
+    Block k holds sequence numbers 1000k..1000k+999: the last three digits
+    repeat in every block (a pre-masked table) and the other seven are one
+    constant per block, so a block is three array copies.
     """
 
     def __init__(self, sid: int, key: bytes) -> None:
         self.sid = sid
         self.key = key
-        self.template = client_frame(sid, 0, key)
         if HAVE_NUMPY:
-            self._row = np.frombuffer(self.template, dtype=np.uint8)
-            # Mask bytes that apply to the sequence digits' positions.
+            self._row = np.frombuffer(client_frame(sid, 0, key), dtype=np.uint8)
             keyarr = np.frombuffer(key, dtype=np.uint8)
-            pos = np.arange(SEQ_OFF, SEQ_OFF + SEQ_W)
-            self._seq_mask = keyarr[pos % 4]
-            self._pow = (10 ** np.arange(SEQ_W - 1, -1, -1, dtype=np.int64))
+            lo = np.arange(SEQ_OFF + SEQ_W - 3, SEQ_OFF + SEQ_W)
+            self._lo_cols = slice(6 + lo[0], 6 + lo[-1] + 1)
+            self._lo = _LOW3 ^ keyarr[lo % 4]
+            hi = np.arange(SEQ_OFF, SEQ_OFF + SEQ_W - 3)
+            self._hi_cols = slice(6 + hi[0], 6 + hi[-1] + 1)
+            self._hi_mask = keyarr[hi % 4]
 
-    def block(self, seq0: int, n: int) -> bytes:
+    def block(self, k: int) -> bytes:
+        """Frames for sequence numbers BLOCK*k .. BLOCK*k + BLOCK - 1."""
+        seq0 = k * BLOCK
         if not HAVE_NUMPY:
-            return b"".join(client_frame(self.sid, s, self.key) for s in range(seq0, seq0 + n))
-        arr = np.empty((n, CFRAME), dtype=np.uint8)
+            return b"".join(client_frame(self.sid, s, self.key) for s in range(seq0, seq0 + BLOCK))
+        arr = np.empty((BLOCK, CFRAME), dtype=np.uint8)
         arr[:] = self._row
-        seqs = np.arange(seq0, seq0 + n, dtype=np.int64)
-        digits = ((seqs[:, None] // self._pow) % 10 + 48).astype(np.uint8)
-        start = 6 + SEQ_OFF
-        arr[:, start:start + SEQ_W] = digits ^ self._seq_mask
+        arr[:, self._lo_cols] = self._lo
+        arr[:, self._hi_cols] = np.frombuffer(b"%07d" % k, dtype=np.uint8) ^ self._hi_mask
         return arr.tobytes()
 
 
@@ -117,6 +128,29 @@ if HAVE_NUMPY:
     _SEQ_POW = 10 ** np.arange(SEQ_W - 1, -1, -1, dtype=np.int64)
     _TS_POW = 10 ** np.arange(TS_W - 1, -1, -1, dtype=np.int64)
 
+    # The same check eight bytes at a time (SWAR): 4 frames are 264 bytes,
+    # 33 little-endian uint64 lanes. After the XOR a byte is bad if it is a
+    # fixed byte and not 0, or a digit byte and not 0..9, that is: any of
+    # its high nibble bits set, or low nibble + 6 carrying into bit 4.
+    def _lanes(per_byte) -> "np.ndarray":
+        return np.frombuffer(bytes(per_byte) * 4, dtype="<u8")
+
+    _T64 = _lanes(_TEMPLATE)
+    _A64 = _lanes(0xF0 if lim else 0xFF for lim in _LIMIT)
+    _B64 = _lanes(0x0F if lim else 0 for lim in _LIMIT)
+    _C64 = _lanes(0x06 if lim else 0 for lim in _LIMIT)
+    _D64 = _lanes(0x10 if lim else 0 for lim in _LIMIT)
+    _U = np.uint64
+
+
+def _parse8(v: "np.ndarray") -> "np.ndarray":
+    """Eight ASCII digits loaded little-endian (first digit in the low
+    byte) to their value: pairs, then quads, then all eight, each step one
+    multiply that adds a shifted copy (wrap-around is intended)."""
+    v = ((v & _U(0x0F0F0F0F0F0F0F0F)) * _U(2561)) >> _U(8)
+    v = ((v & _U(0x00FF00FF00FF00FF)) * _U(6553601)) >> _U(16)
+    return ((v & _U(0x0000FFFF0000FFFF)) * _U(42949672960001)) >> _U(32)
+
 
 class RefStream:
     """The data-frame stream of one room as first verified by its leading
@@ -131,7 +165,7 @@ class RefStream:
     verified in full from then on; nothing is assumed, only compared.
     """
 
-    TRIM_AT = 8 << 20
+    TRIM_AT = 256 << 10     # try to drop consumed bytes above this size
 
     def __init__(self, senders: list[int]) -> None:
         self.senders = list(senders)
@@ -141,6 +175,7 @@ class RefStream:
         self.base = 0                               # data offset of buf[0]
         self.checkpoints = [(0, dict(self.verifier.next_seq))]
         self.followers: list[StreamVerifier] = []
+        self.trim_at = self.TRIM_AT
 
     @property
     def end(self) -> int:
@@ -160,8 +195,11 @@ class RefStream:
         if ok:
             self.buf += chunk[:ok * FRAME]
             self.checkpoints.append((self.end, dict(self.verifier.next_seq)))
-            if len(self.buf) > self.TRIM_AT:
+            if len(self.buf) > self.trim_at:
                 self._trim()
+                # Members far behind keep bytes alive; do not rescan them
+                # all on every extend while that lasts.
+                self.trim_at = max(self.TRIM_AT, 2 * len(self.buf))
         return ok
 
     def counts_at(self, pos: int) -> dict:
@@ -210,6 +248,8 @@ class StreamVerifier:
         self.latency = latency
         self.lat_ts: list = []      # send timestamps (ns)
         self.lat_ns: list = []      # delivery latency (ns)
+        # Each sender id with its ':' as the big-endian integer _check_np reads.
+        self._keys = [int.from_bytes(b"%06d:" % s_, "big") for s_ in self.senders]
         self.ref = ref if (HAVE_NUMPY and not latency) else None
         self.on_ref = self.ref is not None
         if self.ref is not None:
@@ -271,26 +311,53 @@ class StreamVerifier:
         self.on_ref = False
         self.next_seq = self.ref.counts_at(pos)
 
+    def _valid(self, buf, n: int) -> bool:
+        """True if the n frames all have the fixed bytes of a data frame
+        and ASCII digits where digits belong (see _A64 and friends)."""
+        g = n // 4
+        if g:
+            v = np.frombuffer(buf, dtype="<u8", count=g * 33).reshape(g, 33) ^ _T64
+            if ((v & _A64) | (((v & _B64) + _C64) & _D64)).any():
+                return False
+        if n > 4 * g:
+            a = np.frombuffer(buf, dtype=np.uint8, count=n * FRAME)[4 * g * FRAME:]
+            if ((a.reshape(-1, FRAME) ^ _TEMPLATE_NP) > _LIMIT_NP).any():
+                return False
+        return True
+
     def _check_np(self, buf, n: int, base: int, marks) -> int:
-        a = np.frombuffer(buf, dtype=np.uint8, count=n * FRAME).reshape(n, FRAME)
-        x = a ^ _TEMPLATE_NP
-        if (x > _LIMIT_NP).any():
+        if not self._valid(buf, n):
             # Slow path, only when something is off: find the first bad row.
-            row = int(np.argmax((x > _LIMIT_NP).any(axis=1)))
+            a = np.frombuffer(buf, dtype=np.uint8, count=n * FRAME).reshape(n, FRAME)
+            row = int(np.argmax(((a ^ _TEMPLATE_NP) > _LIMIT_NP).any(axis=1)))
             if a[row, 0] != 0x81 or a[row, 1] != 0x40:
                 n = row         # not a data frame: the caller looks at it
                 if n == 0:
                     return 0
-                a, x = a[:n], x[:n]
             else:
                 self._fail("malformed payload in frame #%d: %r" % (self.frames + row, bytes(a[row][:24])))
                 return 0
-        sid = x[:, 2 + SID_OFF:2 + SID_OFF + SID_W].astype(np.int64) @ _SID_POW
-        seq = x[:, 2 + SEQ_OFF:2 + SEQ_OFF + SEQ_W].astype(np.int64) @ _SEQ_POW
+
+        def column(offset: int, dtype: str) -> "np.ndarray":
+            # One value per frame, read in place from a fixed offset.
+            return np.ndarray((n,), dtype=dtype, buffer=buf, offset=offset, strides=(FRAME,))
+
+        # Sender: the 6 id digits and ':' as one big-endian integer.
+        sid_key = column(2 + SID_OFF, ">u8") >> _U(8)
+        seq = (_parse8(column(2 + SEQ_OFF, "<u8")) * _U(100)
+               + _parse8((column(2 + SEQ_OFF + 8, "<u2").astype(np.uint64) << _U(48))
+                         | _U(0x303030303030)))
+        seq = seq.astype(np.int64)
         single = len(self.senders) == 1
         seen = 0
-        for s in self.senders:
-            q = seq if single else seq[sid == s]
+        for s, key in zip(self.senders, self._keys):
+            if single:
+                if (sid_key != key).any():
+                    self._fail("frame from a sender that is not in this room")
+                    return 0
+                q = seq
+            else:
+                q = seq[sid_key == key]
             if len(q) == 0:
                 continue
             seen += len(q)
@@ -302,11 +369,12 @@ class StreamVerifier:
                            % (s, exp + j, int(q[j])))
                 return 0
             self.next_seq[s] = exp + len(q)
-        if (single and (sid != self.senders[0]).any()) or (not single and seen != n):
+        if not single and seen != n:
             self._fail("frame from a sender that is not in this room")
             return 0
         if self.latency and marks:
-            ts = x[:, 2 + TS_OFF:2 + TS_OFF + TS_W].astype(np.int64) @ _TS_POW
+            a = np.frombuffer(buf, dtype=np.uint8, count=n * FRAME).reshape(n, FRAME)
+            ts = (a[:, 2 + TS_OFF:2 + TS_OFF + TS_W] - np.uint8(48)).astype(np.int64) @ _TS_POW
             ends = np.fromiter((m[0] for m in marks), dtype=np.int64, count=len(marks))
             times = np.fromiter((m[1] for m in marks), dtype=np.int64, count=len(marks))
             frame_ends = base + FRAME * np.arange(1, n + 1, dtype=np.int64)

@@ -3,6 +3,7 @@ returns a dict of measurements plus its own verification verdict."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -91,15 +92,39 @@ class Meter:
         except psutil.Error:
             return None
 
+    def others(self) -> dict:
+        """CPU seconds so far of every process other than the load
+        generator and the server: a busy machine makes any figure moot."""
+        out = {}
+        if psutil is None:
+            return out
+        skip = {os.getpid(), self.ps.pid if self.ps is not None else -1}
+        for p in psutil.process_iter(["cpu_times"]):
+            if p.pid in skip:
+                continue
+            t = p.info.get("cpu_times")
+            if t is not None:
+                out[p.pid] = t.user + t.system
+        return out
+
     def snap(self, members: list[Member]) -> dict:
+        others = self.others()
         return dict(t=time.perf_counter(), cpu=time.process_time(), srv=self.server_cpu(),
-                    bytes=sum(m.nbytes for m in members))
+                    bytes=sum(m.nbytes for m in members), others=others)
+
+
+def other_cpu(a: dict, b: dict) -> float:
+    """CPUs used by other processes between two snapshots."""
+    wall = b["t"] - a["t"]
+    before = a.get("others", {})
+    return sum(t - before.get(pid, 0.0) for pid, t in b.get("others", {}).items()) / wall
 
 
 def _window(a: dict, b: dict) -> dict:
     wall = b["t"] - a["t"]
     return dict(wall=wall, deliveries=(b["bytes"] - a["bytes"]) // FRAME,
-                client_cpu=(b["cpu"] - a["cpu"]) / wall, server_cpu=(b["srv"] - a["srv"]) / wall)
+                client_cpu=(b["cpu"] - a["cpu"]) / wall, server_cpu=(b["srv"] - a["srv"]) / wall,
+                other_cpu=other_cpu(a, b))
 
 
 def _verdict(rooms: list[Room], spot: Optional[SpotCheck], server: ServerProcess,
@@ -304,9 +329,9 @@ async def run_connections(server: ServerProcess, w: Workload, s: Settings,
     pacer = Pacer()
     try:
         rss0 = meter.rss()
-        cpu0, srv0 = time.process_time(), meter.server_cpu()
+        a = meter.snap([])
         t0, t1 = await _open(server, members, s, log)
-        cpu1, srv1 = time.process_time(), meter.server_cpu()
+        b = meter.snap([])
         rss1 = meter.rss()
         spot = await _spot(server, rooms[0], [1], s)
         for m in members:
@@ -316,8 +341,9 @@ async def run_connections(server: ServerProcess, w: Workload, s: Settings,
             snd.send(1)
         drained = await _drain(rooms, spot, rooms[0], None, s.drain_timeout)
         wall = t1 - t0
-        res = dict(wall=wall, clients=n, room_size=size, value=n / wall,
-                   client_cpu=(cpu1 - cpu0) / wall, server_cpu=(srv1 - srv0) / wall,
+        res = _window(a, b)
+        del res["deliveries"]
+        res.update(wall=wall, clients=n, room_size=size, value=n / wall,
                    rss_before=rss0, rss_after=rss1,
                    rss_per_conn=(None if rss0 is None or rss1 is None else (rss1 - rss0) / n))
         res.update(_verdict(rooms, spot, server, drained))

@@ -1,14 +1,17 @@
 """fastrelay: a WebSocket broadcast relay with a compiled frame codec."""
 
+from importlib.util import find_spec
+
 from ._version import __version__
 
-try:
-    from . import _frames  # noqa: F401  (the product: never run without it)
-except ImportError as exc:  # pragma: no cover - exercised only on broken installs
+# The compiled codec is the product: there is no pure-Python fallback, so a
+# missing build fails here, loudly, rather than running something slow.
+if find_spec("fastrelay._frames") is None:
     raise ImportError(
-        "fastrelay's compiled module fastrelay._frames is missing or broken "
-        f"({exc}). Install a wheel, or build it with `pip install .` "
-        "(needs a C compiler); there is no pure-Python fallback."
-    ) from exc
+        "fastrelay's compiled module fastrelay._frames is missing: install a "
+        "wheel, or build it with `pip install .` (needs a C compiler); "
+        "there is no pure-Python fallback."
+    )
+from . import _frames  # noqa: E402,F401
 
 __all__ = ["__version__"]

@@ -77,6 +77,7 @@ def run_slow_consumer_room(relay, path: str) -> tuple[list[list[int]], RawClient
     return asyncio.run(main())
 
 
+@pytest.mark.timeout(180)  # 32 MiB to 21 clients; generous for a loaded CI machine
 def test_slow_consumer_is_disconnected_and_others_get_everything(relay_factory):
     relay = relay_factory({"metrics": {"enabled": True, "host": "127.0.0.1", "port": 0},
                            "relay": {"echo": False},
@@ -101,6 +102,7 @@ def test_slow_consumer_is_disconnected_and_others_get_everything(relay_factory):
         slow.close()
 
 
+@pytest.mark.timeout(180)
 def test_drop_policy_skips_messages_for_the_slow_client(relay_factory):
     relay = relay_factory({"metrics": {"enabled": True, "host": "127.0.0.1", "port": 0},
                            "relay": {"echo": False},

@@ -6,7 +6,7 @@ and are rendered from fastrelay.config's schema and fastrelay.metrics.METRICS,
 so the documentation cannot drift from what the program accepts and exports.
 tests/test_config.py fails when a table is stale.
 
-    python docs/gen_config_table.py [FILE ...]   (default: README.md and docs/config-section.md)
+    python docs/gen_config_table.py [FILE ...]   (default: README.md)
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def update(text: str) -> str:
 def main(paths: list[str]) -> int:
     targets = [Path(p) for p in paths] or [
         p
-        for p in (ROOT / "README.md", ROOT / "docs" / "config-section.md")
+        for p in (ROOT / "README.md",)
         if p.exists()
     ]
     for path in targets:

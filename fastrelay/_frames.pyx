@@ -1004,7 +1004,8 @@ cdef class Connection:
 
     cdef int fail(self, int code, const char *reason) except -1:
         """Fail the connection (section 7.1.7): close frame, then TCP."""
-        self.hub.protocol_errors += 1
+        if code != CLOSE_POLICY:
+            self.hub.protocol_errors += 1
         self.start_close(code, reason.decode())
         self.state = ST_CLOSED
         self.close_after_flush = True

@@ -692,6 +692,7 @@ cdef class Connection:
         self.fd = -1
         self.state = ST_HANDSHAKE
         self.close_code = CLOSE_ABNORMAL
+        self.pong_received = True    # no keepalive ping outstanding
 
     def __init__(self, Hub hub):
         self.hub = hub
@@ -1082,7 +1083,8 @@ cdef class Connection:
         return 0
 
     def send_ping(self, bytes payload=b""):
-        """Keepalive: queue a ping and forget any earlier pong."""
+        """Keepalive: queue a ping; pong_received stays False until any
+        pong arrives."""
         if self.state != ST_OPEN:
             return
         self.pong_received = False

@@ -188,10 +188,11 @@ class Relay:
         return values
 
     def _ping_all(self) -> None:
-        """Keepalive: ping every open client; ping_timeout later, close those
-        that have not answered (half-open connections never do)."""
+        """Keepalive: ping every open client that has no ping outstanding;
+        ping_timeout later, close those that have not answered (half-open
+        connections never do)."""
         timeouts = self.cfg.timeouts
-        pinged = [p for p in self.protocols if p.state == 1]
+        pinged = [p for p in self.protocols if p.state == 1 and p.pong_received]
         for protocol in pinged:
             protocol.send_ping(b"")
         self.loop.call_later(timeouts.ping_timeout, self._reap, pinged)

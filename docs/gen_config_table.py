@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from fastrelay.config import constraint_text, iter_fields, type_name
-from fastrelay.metrics import METRICS
+from fastrelay.config import constraint_text, iter_fields, type_name  # noqa: E402
+from fastrelay.metrics import METRICS  # noqa: E402
 
 START = "<!-- generated: config-keys -->"
 

@@ -221,7 +221,8 @@ class LimitsConfig:
     slow_client_policy: str = field(
         default="disconnect",
         metadata=_opt(
-            "`disconnect`: close the slow client; `drop`: skip messages for it until its backlog drains. Both are counted in the metrics.",
+            "`disconnect`: close the slow client; `drop`: skip messages for it until its backlog drains. "
+            "Both are counted in the metrics.",
             choices=("disconnect", "drop"),
         ),
     )

@@ -140,7 +140,8 @@ def parse_request(data: bytes | memoryview, scan_from: int, limits: Limits) -> I
 def _decide(head: str, consumed: int, limits: Limits) -> Accept | Refuse | PlainGet:
     request_line, *header_lines = head.split("\r\n")
     parts = request_line.split(" ")
-    if _has_controls(request_line) or len(parts) != 3 or not parts[0] or not all(ord(c) in _TOKEN_CHARS for c in parts[0]):
+    if (_has_controls(request_line) or len(parts) != 3 or not parts[0]
+            or not all(ord(c) in _TOKEN_CHARS for c in parts[0])):
         return refuse("bad_request", "malformed request line")
     method, target, version = parts
     if not version.startswith("HTTP/") or version[5:] not in ("1.0", "1.1"):

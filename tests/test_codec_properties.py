@@ -46,7 +46,7 @@ def parse_with_websockets(data: bytes, *, mask: bool) -> Frame:
 
 def splits(data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({c % (len(data) + 1) for c in cuts})
-    return [data[i:j] for i, j in zip([0] + points, points + [len(data)])]
+    return [data[i:j] for i, j in zip([0] + points, points + [len(data)], strict=True)]
 
 
 SETTINGS = settings(max_examples=60, deadline=None)

@@ -153,7 +153,7 @@ def feed_in_pieces(data: bytes, cuts: list[int]):
     """Feed growing prefixes like the protocol does; return the decision."""
     scan_from = 0
     received = b""
-    pieces = [data[i:j] for i, j in zip([0] + cuts, cuts + [len(data)])]
+    pieces = [data[i:j] for i, j in zip([0] + cuts, cuts + [len(data)], strict=True)]
     for piece in pieces:
         received += piece
         result = handshake.parse_request(memoryview(received), scan_from, LIMITS)

@@ -23,17 +23,6 @@ PACKAGE_DIR = Path(fastrelay.__file__).resolve().parent
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _git_checkout() -> bool:
-    if not (REPO / ".git").exists() or shutil.which("git") is None:
-        return False
-    done = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--is-inside-work-tree"],
-                          capture_output=True, text=True, timeout=30)
-    return done.returncode == 0 and done.stdout.strip() == "true"
-
-
-needs_checkout = pytest.mark.skipif(not _git_checkout(), reason="needs the git checkout (not an installed wheel's test copy)")
-
-
 def test_missing_compiled_module_fails_loudly(tmp_path):
     """Without fastrelay._frames, `import fastrelay` raises an ImportError
     that names the module and says there is no pure-Python fallback."""
@@ -97,7 +86,7 @@ def test_demo_page_is_real_package_data():
         assert page == (REPO / "example" / "index.html").read_bytes()
 
 
-@needs_checkout
+@pytest.mark.checkout
 def test_no_generated_c_tracked_in_git():
     tracked = subprocess.run(["git", "-C", str(REPO), "ls-files"], capture_output=True,
                              text=True, timeout=30, check=True).stdout.split()

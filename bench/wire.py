@@ -115,31 +115,44 @@ class FrameFactory:
 
 
 # Per-column constants for the vectorised check: a frame XOR TEMPLATE is 0
-# at every fixed byte (header, separators, padding) and 0..9 at every digit
-# (b ^ 0x30 <= 9 exactly when b is an ASCII digit), so one XOR, one compare
-# against LIMIT and one any() validate a whole chunk.
+# at every fixed byte (header, separators, padding, and the timestamp when
+# the workload sends none) and 0..9 at every digit (b ^ 0x30 <= 9 exactly
+# when b is an ASCII digit), so an XOR, a compare against a limit and an
+# any() validate a whole chunk.
 _TEMPLATE = SERVER_HEADER + payload(0, 0, 0)
-_LIMIT = bytes(9 if 2 + TS_OFF + TS_W > i >= 2 and _TEMPLATE[i] == 0x30 else 0
-               for i in range(FRAME))
-if HAVE_NUMPY:
-    _TEMPLATE_NP = np.frombuffer(_TEMPLATE, dtype=np.uint8)
-    _LIMIT_NP = np.frombuffer(_LIMIT, dtype=np.uint8)
-    _SID_POW = 10 ** np.arange(SID_W - 1, -1, -1, dtype=np.int64)
-    _SEQ_POW = 10 ** np.arange(SEQ_W - 1, -1, -1, dtype=np.int64)
-    _TS_POW = 10 ** np.arange(TS_W - 1, -1, -1, dtype=np.int64)
 
-    # The same check eight bytes at a time (SWAR): 4 frames are 264 bytes,
-    # 33 little-endian uint64 lanes. After the XOR a byte is bad if it is a
-    # fixed byte and not 0, or a digit byte and not 0..9, that is: any of
-    # its high nibble bits set, or low nibble + 6 carrying into bit 4.
+
+def _limit(stamped: bool) -> bytes:
+    end = 2 + (TS_OFF + TS_W if stamped else SEQ_OFF + SEQ_W)
+    return bytes(9 if end > i >= 2 and _TEMPLATE[i] == 0x30 else 0 for i in range(FRAME))
+
+
+class _Shape:
+    """What a valid frame looks like, as arrays for the vectorised check."""
+
+    def __init__(self, stamped: bool) -> None:
+        limit = _limit(stamped)
+        self.limit = np.frombuffer(limit, dtype=np.uint8)
+        # The same check eight bytes at a time (SWAR): 4 frames are 264
+        # bytes, 33 little-endian uint64 lanes. After the XOR a byte is bad
+        # if it is a fixed byte and not 0, or a digit byte and not 0..9:
+        # any high-nibble bit set, or low nibble + 6 carrying into bit 4.
+        self.t64 = self._lanes(_TEMPLATE)
+        self.a64 = self._lanes(0xF0 if lim else 0xFF for lim in limit)
+        self.b64 = self._lanes(0x0F if lim else 0 for lim in limit)
+        self.c64 = self._lanes(0x06 if lim else 0 for lim in limit)
+        self.d64 = self._lanes(0x10 if lim else 0 for lim in limit)
+
+    @staticmethod
     def _lanes(per_byte) -> "np.ndarray":
         return np.frombuffer(bytes(per_byte) * 4, dtype="<u8")
 
-    _T64 = _lanes(_TEMPLATE)
-    _A64 = _lanes(0xF0 if lim else 0xFF for lim in _LIMIT)
-    _B64 = _lanes(0x0F if lim else 0 for lim in _LIMIT)
-    _C64 = _lanes(0x06 if lim else 0 for lim in _LIMIT)
-    _D64 = _lanes(0x10 if lim else 0 for lim in _LIMIT)
+
+if HAVE_NUMPY:
+    _TEMPLATE_NP = np.frombuffer(_TEMPLATE, dtype=np.uint8)
+    _TS_POW = 10 ** np.arange(TS_W - 1, -1, -1, dtype=np.int64)
+    _PLAIN = _Shape(stamped=False)
+    _STAMPED = _Shape(stamped=True)
     _U = np.uint64
 
 
@@ -202,22 +215,27 @@ class RefStream:
                 self.trim_at = max(self.TRIM_AT, 2 * len(self.buf))
         return ok
 
-    def counts_at(self, pos: int) -> dict:
-        """Per-sender message counts in the first `pos` data bytes."""
-        cp_pos, counts = self.checkpoints[0]
+    def next_seq_at(self, pos: int) -> dict:
+        """Per sender, the sequence number expected after the first `pos`
+        data bytes: from the last checkpoint before, then the sender's last
+        frame (if any) between that checkpoint and pos."""
+        cp_pos, nxt = self.checkpoints[0]
         for p, c in self.checkpoints:
             if p > pos:
                 break
-            cp_pos, counts = p, c
-        counts = dict(counts)
+            cp_pos, nxt = p, c
+        nxt = dict(nxt)
         a, b = cp_pos - self.base, pos - self.base
         for s, marker in self.markers.items():
-            counts[s] += self.buf.count(marker, a, b)
-        return counts
+            i = self.buf.rfind(marker, a, b)
+            if i >= 0:
+                q = 2 + SEQ_OFF + i
+                nxt[s] = int(self.buf[q:q + SEQ_W]) + 1
+        return nxt
 
     def _trim(self) -> None:
         # Drop what every member still on the shared path is past; cut at a
-        # checkpoint so counts_at() keeps a starting point.
+        # checkpoint so next_seq_at() keeps a starting point.
         low = min((v.frames * FRAME for v in self.followers if v.on_ref), default=self.end)
         keep = [cp for cp in self.checkpoints if cp[0] <= low]
         if not keep:
@@ -245,12 +263,15 @@ class StreamVerifier:
         self.next_seq = {s: 0 for s in self.senders}
         self.frames = 0             # data frames verified
         self.error: Optional[str] = None
+        self.loss_note: Optional[str] = None    # first gap seen, if any
         self.latency = latency
         self.lat_ts: list = []      # send timestamps (ns)
         self.lat_ns: list = []      # delivery latency (ns)
         # Each sender id with its ':' as the big-endian integer _check_np reads.
         self._keys = [int.from_bytes(b"%06d:" % s_, "big") for s_ in self.senders]
         self.ref = ref if (HAVE_NUMPY and not latency) else None
+        # Throughput frames carry no timestamp: its digits must all be 0.
+        self._shape = (_STAMPED if latency else _PLAIN) if HAVE_NUMPY else None
         self.on_ref = self.ref is not None
         if self.ref is not None:
             self.ref.followers.append(self)
@@ -263,6 +284,10 @@ class StreamVerifier:
     def _fail(self, msg: str) -> None:
         if self.error is None:
             self.error = msg
+
+    def _lost_note(self, sender: int, first: int, upto: int) -> None:
+        if self.loss_note is None:
+            self.loss_note = "sender %d: seq %d..%d missing" % (sender, first, upto - 1)
 
     def check(self, buf, n: int, base: int = 0, marks: Optional[list] = None) -> int:
         """Verify the leading data frames among the first n frame slots of
@@ -309,19 +334,20 @@ class StreamVerifier:
 
     def _leave_ref(self, pos: int) -> None:
         self.on_ref = False
-        self.next_seq = self.ref.counts_at(pos)
+        self.next_seq = self.ref.next_seq_at(pos)
 
     def _valid(self, buf, n: int) -> bool:
         """True if the n frames all have the fixed bytes of a data frame
-        and ASCII digits where digits belong (see _A64 and friends)."""
+        and ASCII digits where digits belong (see _Shape)."""
+        sh = self._shape
         g = n // 4
         if g:
-            v = np.frombuffer(buf, dtype="<u8", count=g * 33).reshape(g, 33) ^ _T64
-            if ((v & _A64) | (((v & _B64) + _C64) & _D64)).any():
+            v = np.frombuffer(buf, dtype="<u8", count=g * 33).reshape(g, 33) ^ sh.t64
+            if ((v & sh.a64) | (((v & sh.b64) + sh.c64) & sh.d64)).any():
                 return False
         if n > 4 * g:
             a = np.frombuffer(buf, dtype=np.uint8, count=n * FRAME)[4 * g * FRAME:]
-            if ((a.reshape(-1, FRAME) ^ _TEMPLATE_NP) > _LIMIT_NP).any():
+            if ((a.reshape(-1, FRAME) ^ _TEMPLATE_NP) > sh.limit).any():
                 return False
         return True
 
@@ -329,7 +355,7 @@ class StreamVerifier:
         if not self._valid(buf, n):
             # Slow path, only when something is off: find the first bad row.
             a = np.frombuffer(buf, dtype=np.uint8, count=n * FRAME).reshape(n, FRAME)
-            row = int(np.argmax(((a ^ _TEMPLATE_NP) > _LIMIT_NP).any(axis=1)))
+            row = int(np.argmax(((a ^ _TEMPLATE_NP) > self._shape.limit).any(axis=1)))
             if a[row, 0] != 0x81 or a[row, 1] != 0x40:
                 n = row         # not a data frame: the caller looks at it
                 if n == 0:
@@ -362,13 +388,18 @@ class StreamVerifier:
                 continue
             seen += len(q)
             exp = self.next_seq[s]
-            want = np.arange(exp, exp + len(q), dtype=np.int64)
-            if not np.array_equal(q, want):
-                j = int(np.argmax(q != want))
-                self._fail("sender %d: expected seq %d, got %d (gap, duplicate or reorder)"
-                           % (s, exp + j, int(q[j])))
-                return 0
-            self.next_seq[s] = exp + len(q)
+            if not np.array_equal(q, np.arange(exp, exp + len(q), dtype=np.int64)):
+                step = np.diff(q, prepend=exp - 1)
+                if (step < 1).any():
+                    j = int(np.argmax(step < 1))
+                    self._fail("sender %d: seq %d after %d (duplicate or reorder)"
+                               % (s, int(q[j]), int(q[j]) - int(step[j])))
+                    return 0
+                # Only gaps: messages lost. Keep verifying; the count of
+                # frames received shows how many are missing.
+                j = int(np.argmax(step > 1))
+                self._lost_note(s, int(q[j]) - int(step[j]) + 1, int(q[j]))
+            self.next_seq[s] = int(q[-1]) + 1
         if not single and seen != n:
             self._fail("frame from a sender that is not in this room")
             return 0
@@ -397,6 +428,7 @@ class StreamVerifier:
                 s = int(pl[:SID_W])
                 q = int(pl[SEQ_OFF:SEQ_OFF + SEQ_W])
                 ts = int(pl[TS_OFF:TS_OFF + TS_W])
+                ok = ok and (self.latency or ts == 0)
             except ValueError:
                 ok = False
             if not ok:
@@ -406,10 +438,12 @@ class StreamVerifier:
             if exp is None:
                 self._fail("frame from a sender that is not in this room")
                 return 0
-            if q != exp:
-                self._fail("sender %d: expected seq %d, got %d (gap, duplicate or reorder)" % (s, exp, q))
+            if q < exp:
+                self._fail("sender %d: seq %d after %d (duplicate or reorder)" % (s, q, exp - 1))
                 return 0
-            self.next_seq[s] = exp + 1
+            if q > exp:
+                self._lost_note(s, exp, q)
+            self.next_seq[s] = q + 1
             if self.latency and marks:
                 end = base + (i + 1) * FRAME
                 while mark_i < len(marks) - 1 and marks[mark_i][0] < end:

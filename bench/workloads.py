@@ -9,8 +9,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from . import wire
-from .loadgen import (FRAME, SMALL_BUF, Member, Pacer, Room, Sender, SpotCheck,
-                      close_members, connect_members)
+from .loadgen import FRAME, SMALL_BUF, Member, Pacer, Room, Sender, SpotCheck, close_members, connect_members
 from .servers import ServerProcess
 
 try:
@@ -131,7 +130,7 @@ def _verdict(rooms: list[Room], spot: Optional[SpotCheck], server: ServerProcess
              drained: bool) -> dict:
     expected = got = 0
     errors: list[str] = []
-    n_err = 0
+    n_err = n_loss = 0
     for room in rooms:
         for m in room.members:
             m.finish()
@@ -141,6 +140,12 @@ def _verdict(rooms: list[Room], spot: Optional[SpotCheck], server: ServerProcess
                 n_err += 1
                 if len(errors) < 5:
                     errors.append("%s: %s" % (room.path, m.error))
+            elif m.received() < room.sent_total:
+                n_loss += 1
+                if len(errors) < 5:
+                    note = m.verifier.loss_note or "the last messages never arrived"
+                    errors.append("%s: lost %d of %d (%s)" % (
+                        room.path, room.sent_total - m.received(), room.sent_total, note))
     if spot is not None and spot.error:
         n_err += 1
         errors.append("websockets spot check: %s" % spot.error)
@@ -150,7 +155,7 @@ def _verdict(rooms: list[Room], spot: Optional[SpotCheck], server: ServerProcess
         errors.append("server process exited")
     loss = expected - got
     return dict(deliveries_expected=expected, deliveries_verified=got, loss=loss,
-                clients_with_errors=n_err, errors=errors,
+                clients_with_errors=n_err, clients_with_loss=n_loss, errors=errors,
                 spot_check=None if spot is None else dict(
                     received=spot.count, error=spot.error),
                 ok=(loss == 0 and not errors))

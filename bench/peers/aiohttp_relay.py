@@ -9,9 +9,8 @@ import asyncio
 import signal
 
 import uvloop
-from aiohttp import WSMsgType, web
-
 from _common import announce, parse_args, raise_nofile_limit, room_of
+from aiohttp import WSMsgType, web
 
 TEXT = WSMsgType.TEXT
 BINARY = WSMsgType.BINARY

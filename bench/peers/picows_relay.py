@@ -10,9 +10,8 @@ import asyncio
 import signal
 
 import uvloop
-from picows import WSListener, WSMsgType, WSTransport, ws_create_server
-
 from _common import announce, parse_args, raise_nofile_limit, room_of
+from picows import WSListener, WSMsgType, WSTransport, ws_create_server
 
 TEXT = WSMsgType.TEXT
 BINARY = WSMsgType.BINARY

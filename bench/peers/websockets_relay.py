@@ -9,9 +9,8 @@ import asyncio
 import signal
 
 import uvloop
-from websockets.asyncio.server import broadcast, serve
-
 from _common import announce, parse_args, raise_nofile_limit, room_of
+from websockets.asyncio.server import broadcast, serve
 
 rooms: dict[str, set] = {}
 

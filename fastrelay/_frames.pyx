@@ -624,12 +624,22 @@ cdef class Hub:
             while i < self.ndirty:
                 c = <Connection>self.dirty[i]
                 c.dirty = False
-                if c.state != ST_CLOSED or c.close_after_flush:
-                    c.write_pending()
+                try:
+                    if c.state != ST_CLOSED or c.close_after_flush:
+                        c.write_pending()
+                    if c.close_after_flush:
+                        c.close_after_flush = False
+                        c.close_transport()
+                except Exception as exc:
+                    # One connection's failure must not cost the others
+                    # their writes: drop it and report.
+                    c.npending = 0
+                    c.abort()
+                    self.loop.call_exception_handler({
+                        "message": "fastrelay: write failed; connection dropped",
+                        "exception": exc,
+                    })
                 c.npending = 0
-                if c.close_after_flush:
-                    c.close_after_flush = False
-                    c.close_transport()
                 i += 1
         finally:
             for i in range(self.ndirty):

@@ -1,0 +1,125 @@
+"""Coverage-guided fuzzing of fastrelay's parsers with atheris, for long
+runs outside CI (the test suite runs the hypothesis fuzzers).
+
+    pip install atheris
+    python fuzz/fuzz_relay.py -atheris_runs=2000000        # or -max_total_time=3600
+
+Each input is split in two by its first byte: a handshake request and a
+stream of client frames. The request goes through `handshake.parse_request`
+fed in pieces; the frames go through a real `Connection` (the Cython parser,
+message rules and fan-out) on a real event loop, with a transport that
+records what the relay writes. Any exception, or output that is not valid
+server frames ending in a valid close, is a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import sys
+
+import atheris
+
+with atheris.instrument_imports():
+    from fastrelay import handshake
+    from fastrelay._frames import Connection, Hub
+
+VALID_CLOSE = set(range(1000, 1004)) | set(range(1007, 1015)) | set(range(3000, 5000))
+LIMITS = handshake.Limits(max_head=1024, max_headers=16)
+REQUEST = (b"GET /fuzz HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+
+
+class RecordingTransport:
+    """Just enough of a transport: the relay writes through it (no socket,
+    so never the direct path) and may close or abort it."""
+
+    def __init__(self) -> None:
+        self.out = bytearray()
+        self.closed = False
+
+    def get_extra_info(self, name, default=None):
+        return default
+
+    def write(self, data: bytes) -> None:
+        assert not self.closed, "write after close"
+        self.out += data
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+
+class FuzzConnection(Connection):
+    def handle_request(self, head):
+        result = handshake.parse_request(head, 0, LIMITS)
+        if isinstance(result, handshake.Accept):
+            self.accept(result.room, result.response, result.consumed)
+
+    def on_close(self, code, reason, by_peer):
+        pass
+
+
+def check_output(out: bytes) -> None:
+    assert out.startswith(b"HTTP/1.1 101 ")
+    pos = out.index(b"\r\n\r\n") + 4
+    while pos < len(out):
+        b0, b1 = out[pos], out[pos + 1]
+        assert b0 & 0x70 == 0 and not b1 & 0x80
+        n, pos = b1 & 0x7F, pos + 2
+        if n == 126:
+            n, pos = struct.unpack("!H", out[pos:pos + 2])[0], pos + 2
+        elif n == 127:
+            n, pos = struct.unpack("!Q", out[pos:pos + 8])[0], pos + 8
+        payload, pos = out[pos:pos + n], pos + n
+        assert len(payload) == n
+        if b0 & 0x0F == 0x8:
+            assert pos == len(out), "bytes after close"
+            if payload:
+                assert struct.unpack("!H", payload[:2])[0] in VALID_CLOSE
+                payload[2:].decode()
+
+
+loop = asyncio.new_event_loop()
+hub = Hub(loop, max_message_size=4096)
+
+
+def feed(conn: Connection, data: bytes, step: int) -> None:
+    for start in range(0, len(data), step):
+        piece = data[start:start + step]
+        view = conn.get_buffer(-1)
+        view[:len(piece)] = piece
+        conn.buffer_updated(len(piece))
+
+
+def one_input(data: bytes) -> None:
+    fdp = atheris.FuzzedDataProvider(data)
+    step = fdp.ConsumeIntInRange(1, 64)
+    request = fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 256))
+    frames = fdp.ConsumeBytes(fdp.remaining_bytes())
+
+    scan_from, got = 0, b""
+    for start in range(0, len(request), step):
+        got += request[start:start + step]
+        result = handshake.parse_request(memoryview(got), scan_from, LIMITS)
+        if not isinstance(result, handshake.Incomplete):
+            break
+        scan_from = result.scan_from
+
+    conn = FuzzConnection(hub)
+    transport = RecordingTransport()
+    conn.connection_made(transport)
+    feed(conn, REQUEST + frames, step)
+    loop.run_until_complete(asyncio.sleep(0))  # let the hub flush
+    conn.connection_lost(None)
+    check_output(bytes(transport.out))
+
+
+if __name__ == "__main__":
+    atheris.Setup(sys.argv, one_input)
+    atheris.Fuzz()

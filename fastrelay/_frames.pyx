@@ -786,17 +786,15 @@ cdef class Connection:
     # -- handshake -------------------------------------------------------------
 
     cdef int handshake_step(self) except -1:
+        # handle_request(head) is the subclass's: it parses the request
+        # bytes so far and calls accept() or reject(), or returns to wait.
+        # The view is released on return: the buffer may move afterwards.
         view = PyMemoryView_FromMemory(self.rbuf, self.rlen, PyBUF_READ)
         try:
             self.handle_request(view)
         finally:
             view.release()
         return 0
-
-    def handle_request(self, head):
-        """Overridden: parse the request bytes so far; call accept(),
-        reject(), or return to wait for more."""
-        raise NotImplementedError
 
     def accept(self, str room_name, bytes response, Py_ssize_t consumed):
         """Send the 101 response, join the room and parse whatever frames

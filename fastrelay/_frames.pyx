@@ -106,6 +106,13 @@ DEF MAX_IOV = 512
 DEF UTF8_ACCEPT = 0
 
 
+# Connection.state values, for the Python side.
+STATE_HANDSHAKE = ST_HANDSHAKE
+STATE_OPEN = ST_OPEN
+STATE_CLOSING = ST_CLOSING
+STATE_CLOSED = ST_CLOSED
+
+
 class FrameError(Exception):
     """A protocol violation with the close code RFC 6455 asks for."""
 

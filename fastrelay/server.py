@@ -16,7 +16,7 @@ from importlib import resources
 from typing import Any
 
 from . import handshake
-from ._frames import Connection, Hub
+from ._frames import STATE_OPEN, Connection, Hub
 
 # Close codes used here (RFC 6455 §7.4.1).
 GOING_AWAY = 1001
@@ -47,7 +47,7 @@ class RelayProtocol(Connection):
         self.timer = relay.loop.call_later(relay.cfg.timeouts.handshake, self._handshake_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        was_open = self.state == 1
+        was_open = self.state == STATE_OPEN
         super().connection_lost(exc)
         if self.timer is not None:
             self.timer.cancel()
@@ -192,7 +192,7 @@ class Relay:
         ping_timeout later, close those that have not answered (half-open
         connections never do)."""
         timeouts = self.cfg.timeouts
-        pinged = [p for p in self.protocols if p.state == 1 and p.pong_received]
+        pinged = [p for p in self.protocols if p.state == STATE_OPEN and p.pong_received]
         for protocol in pinged:
             protocol.send_ping(b"")
         self.loop.call_later(timeouts.ping_timeout, self._reap, pinged)
@@ -200,7 +200,7 @@ class Relay:
 
     def _reap(self, pinged: list[RelayProtocol]) -> None:
         for protocol in pinged:
-            if protocol.state == 1 and not protocol.pong_received:
+            if protocol.state == STATE_OPEN and not protocol.pong_received:
                 protocol.close(INTERNAL_ERROR, "keepalive ping timeout")
 
     async def shutdown(self, timeout: float) -> None:

@@ -624,7 +624,9 @@ class SpotCheck:
         self.first: dict[int, int] = {}
         self.next_seq: dict[int, int] = {}
         self.count = 0
-        self.target = INF
+        self.final: dict[int, int] = {}     # sender -> messages it sent in all
+        self.joined: dict[int, int] = {}
+        self.complete = 0                   # senders whose last message arrived
         self.error: Optional[str] = None
         self.ws = None
         self.task: Optional[asyncio.Task] = None
@@ -658,8 +660,10 @@ class SpotCheck:
                     return
                 self.next_seq[sid] = seq + 1
                 self.count += 1
-                if self.count >= self.target and not self.done.done():
-                    self.done.set_result(None)
+                if seq + 1 == self.final.get(sid):
+                    self.complete += 1
+                    if self.complete == len(self.final) and not self.done.done():
+                        self.done.set_result(None)
         except Exception as exc:  # noqa: BLE001 - report any failure as a finding
             self._fail("websockets client: %r" % exc)
 
@@ -670,11 +674,13 @@ class SpotCheck:
             self.done.set_result(None)
 
     def expect(self, joined: dict[int, int], final: dict[int, int]) -> asyncio.Future:
-        """Resolve once every message sent after the join has arrived:
-        `joined` and `final` are each sender's sent count at join and end."""
-        self.joined, self.final = dict(joined), dict(final)
-        self.target = sum(final[s] - joined[s] for s in final)
-        if self.count >= self.target and not self.done.done():
+        """Resolve once each sender's last message has arrived: `joined`
+        and `final` are each sender's sent count at join and at the end."""
+        self.joined = dict(joined)
+        # Senders that sent nothing after the join are complete already.
+        self.final = {s: n for s, n in final.items() if n > self.joined[s]}
+        self.complete = sum(1 for s, n in self.final.items() if self.next_seq.get(s) == n)
+        if self.complete == len(self.final) and not self.done.done():
             self.done.set_result(None)
         return self.done
 
@@ -682,8 +688,6 @@ class SpotCheck:
         if self.error is not None:
             return
         for s, last in self.final.items():
-            if last == self.joined[s]:
-                continue            # nothing was sent after the join
             if s not in self.first:
                 self._fail("sender %d: none of its messages after the join arrived" % s)
             elif self.first[s] > self.joined[s]:

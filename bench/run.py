@@ -56,9 +56,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=None,
                    help="seconds of load before measuring (default 1, quick 0.2)")
     p.add_argument("--window", type=int, default=None,
-                   help="max un-echoed messages per sender, fan-out (default 1024)")
+                   help="most un-echoed messages per sender, fan-out (default 1024; the "
+                        "window adapts below it, see WindowControl)")
     p.add_argument("--window-rooms", type=int, default=None,
-                   help="same for the many-small-rooms workload (default 16)")
+                   help="same for the many-small-rooms workload (default 256)")
     p.add_argument("--lag-limit", type=int, default=0,
                    help="max messages the slowest member of a room may trail by "
                         "(default: derived from window and senders)")
@@ -112,7 +113,7 @@ def settings(args: argparse.Namespace) -> tuple[Settings, int]:
     q = args.quick
     s = Settings(duration=args.duration if args.duration is not None else (0.5 if q else 3.0),
                  warmup=args.warmup if args.warmup is not None else (0.2 if q else 1.0),
-                 window=args.window or 1024, window_rooms=args.window_rooms or 16,
+                 window=args.window or 1024, window_rooms=args.window_rooms or 256,
                  lag_limit=args.lag_limit, spot_check=not args.no_spot_check,
                  drain_timeout=10.0 if q else 30.0)
     reps = args.reps if args.reps is not None else (1 if q else 3)

@@ -677,7 +677,7 @@ cdef class Connection:
     cdef size_t rlen
     cdef size_t rcap
     cdef size_t rneed                # size of the frame being waited for
-    cdef bint reading_shared
+    cdef Py_ssize_t shared_offset    # where the last read went in the shared buffer; -1: own buffer
 
     # Fragmented message being reassembled (section 5.4).
     cdef uint8_t frag_opcode
@@ -756,10 +756,21 @@ cdef class Connection:
 
     def get_buffer(self, Py_ssize_t sizehint):
         cdef size_t want
-        if self.rlen == 0 and self.state != ST_HANDSHAKE:
-            self.reading_shared = True
-            return self.hub.shared_view
-        self.reading_shared = False
+        cdef Hub hub = self.hub
+        if self.state != ST_HANDSHAKE:
+            if self.rlen == 0:
+                self.shared_offset = 0
+                return hub.shared_view
+            if self.rneed <= SHARED_READ_SIZE:
+                # Put the unfinished frame in front of the shared buffer and
+                # read after it: reads stay large whatever the frame split.
+                memcpy(hub.shared_read, self.rbuf, self.rlen)
+                self.shared_offset = self.rlen
+                return PyMemoryView_FromMemory(hub.shared_read + self.rlen,
+                                               SHARED_READ_SIZE - self.rlen, PyBUF_WRITE)
+        # The request head, or a frame larger than the shared buffer: read
+        # into this connection's own buffer.
+        self.shared_offset = -1
         want = self.rneed if self.rneed > self.rlen + 4096 else self.rlen + 4096
         self.reserve_rbuf(want)
         return PyMemoryView_FromMemory(self.rbuf + self.rlen, self.rcap - self.rlen,
@@ -772,19 +783,15 @@ cdef class Connection:
         if self.state == ST_CLOSED:
             self.rlen = 0
             return
-        if self.reading_shared:
-            self.reading_shared = False
+        if self.shared_offset >= 0:
             data = self.hub.shared_read
-            total = nbytes
+            total = self.shared_offset + nbytes
+            self.rlen = 0
         else:
             self.rlen += nbytes
             data = self.rbuf
             total = self.rlen
         if self.state == ST_HANDSHAKE:
-            if data != self.rbuf:
-                self.reserve_rbuf(total)
-                memcpy(self.rbuf, data, total)
-                self.rlen = total
             self.handshake_step()
             return
         used = self.parse(data, total)
@@ -824,10 +831,9 @@ cdef class Connection:
         rest = self.rlen - consumed
         memmove(self.rbuf, self.rbuf + consumed, rest)
         self.rlen = 0
-        if rest:
-            # parse() may stop early; keep_rest keeps its leftover.
-            used = self.parse(self.rbuf, rest)
-            self.keep_rest(self.rbuf, rest, used)
+        used = self.parse(self.rbuf, rest) if rest else 0
+        # Keeps only an unfinished frame; an idle connection keeps no buffer.
+        self.keep_rest(self.rbuf, rest, used)
 
     def reject(self, bytes response):
         """Send an HTTP error response, then close the connection."""
@@ -938,16 +944,19 @@ cdef class Connection:
         """Keep the bytes of an unfinished frame for the next read."""
         cdef size_t rest = total - used
         if self.state == ST_CLOSED or rest == 0:
+            # Nothing to keep: give the buffer back, so that idle
+            # connections cost no receive buffer at all.
             self.rlen = 0
-            if self.rcap > 65536:
-                free(self.rbuf)
-                self.rbuf = NULL
-                self.rcap = 0
+            free(self.rbuf)
+            self.rbuf = NULL
+            self.rcap = 0
             return 0
         if data == self.rbuf:
             memmove(self.rbuf, self.rbuf + used, rest)
         else:
-            self.reserve_rbuf(rest if rest > self.rneed else self.rneed)
+            # A frame larger than the shared buffer is read into our own
+            # buffer, so make room for all of it now.
+            self.reserve_rbuf(self.rneed if self.rneed > SHARED_READ_SIZE else rest)
             memcpy(self.rbuf, data + used, rest)
         self.rlen = rest
         return 0

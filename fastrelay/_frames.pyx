@@ -576,6 +576,18 @@ cdef class Hub:
         self.arena_len += n
         return offset
 
+    cdef size_t encode(self, uint8_t opcode, const char *payload, size_t n,
+                       size_t *length) except? 0:
+        """Encode one unfragmented frame into the arena, once; returns its
+        offset and sets *length."""
+        cdef uint8_t head[10]
+        cdef size_t hlen = write_header(head, 0x80 | opcode, n)
+        cdef size_t offset = self.arena_reserve(hlen + n)
+        memcpy(self.arena + offset, head, hlen)
+        memcpy(self.arena + offset + hlen, payload, n)
+        length[0] = hlen + n
+        return offset
+
     cdef int mark_dirty(self, Connection c) except -1:
         cdef PyObject **grown
         if c.dirty:
@@ -601,11 +613,8 @@ cdef class Hub:
         cdef Connection m
         cdef Py_ssize_t i
         cdef size_t delivered = 0
-        cdef uint8_t head[10]
-        cdef size_t hlen = write_header(head, 0x80 | opcode, n)
-        cdef size_t offset = self.arena_reserve(hlen + n)
-        memcpy(self.arena + offset, head, hlen)
-        memcpy(self.arena + offset + hlen, payload, n)
+        cdef size_t length
+        cdef size_t offset = self.encode(opcode, payload, n, &length)
         self.messages += 1
         for i in range(room.count):
             m = <Connection>room.members[i]
@@ -614,7 +623,7 @@ cdef class Hub:
             if self.drop_slow and m.backlog > self.max_backlog and m.refresh_backlog():
                 self.slow_drops += 1
                 continue
-            m.append_slice(offset, hlen + n)
+            m.append_slice(offset, length)
             delivered += 1
         self.deliveries += delivered
         return 0
@@ -1090,13 +1099,9 @@ cdef class Connection:
         return 0
 
     cdef int send_control(self, uint8_t opcode, const char *payload, size_t n) except -1:
-        cdef uint8_t head[10]
-        cdef size_t hlen = write_header(head, 0x80 | opcode, n)
-        cdef Hub hub = self.hub
-        cdef size_t offset = hub.arena_reserve(hlen + n)
-        memcpy(hub.arena + offset, head, hlen)
-        memcpy(hub.arena + offset + hlen, payload, n)
-        self.append_slice(offset, hlen + n)
+        cdef size_t length
+        cdef size_t offset = self.hub.encode(opcode, payload, n, &length)
+        self.append_slice(offset, length)
         return 0
 
     cdef int send_raw(self, const char *data, size_t n) except -1:

@@ -15,16 +15,19 @@ server frames ending in a valid close, is a crash.
 from __future__ import annotations
 
 import asyncio
-import struct
 import sys
+from pathlib import Path
 
 import atheris
+
+# The same output check as the test suite's fuzzers.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from wsraw import check_server_output  # noqa: E402
 
 with atheris.instrument_imports():
     from fastrelay import handshake
     from fastrelay._frames import Connection, Hub
 
-VALID_CLOSE = set(range(1000, 1004)) | set(range(1007, 1015)) | set(range(3000, 5000))
 LIMITS = handshake.Limits(max_head=1024, max_headers=16)
 REQUEST = (b"GET /fuzz HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
@@ -67,22 +70,7 @@ class FuzzConnection(Connection):
 
 def check_output(out: bytes) -> None:
     assert out.startswith(b"HTTP/1.1 101 ")
-    pos = out.index(b"\r\n\r\n") + 4
-    while pos < len(out):
-        b0, b1 = out[pos], out[pos + 1]
-        assert b0 & 0x70 == 0 and not b1 & 0x80
-        n, pos = b1 & 0x7F, pos + 2
-        if n == 126:
-            n, pos = struct.unpack("!H", out[pos:pos + 2])[0], pos + 2
-        elif n == 127:
-            n, pos = struct.unpack("!Q", out[pos:pos + 8])[0], pos + 8
-        payload, pos = out[pos:pos + n], pos + n
-        assert len(payload) == n
-        if b0 & 0x0F == 0x8:
-            assert pos == len(out), "bytes after close"
-            if payload:
-                assert struct.unpack("!H", payload[:2])[0] in VALID_CLOSE
-                payload[2:].decode()
+    check_server_output(out[out.index(b"\r\n\r\n") + 4:])
 
 
 loop = asyncio.new_event_loop()

@@ -111,3 +111,29 @@ class RawClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+VALID_CLOSE_CODES = set(range(1000, 1004)) | set(range(1007, 1015)) | set(range(3000, 5000))
+
+
+def check_server_output(stream: bytes) -> None:
+    """What a relay writes after the 101 must be well-formed server frames
+    (unmasked, no reserved bits); a close, if any, comes last with a code
+    RFC 6455 §7.4 allows on the wire and a UTF-8 reason."""
+    pos = 0
+    while pos < len(stream):
+        assert len(stream) - pos >= 2, "truncated frame header"
+        b0, b1 = stream[pos], stream[pos + 1]
+        assert b0 & 0x70 == 0 and not b1 & 0x80
+        n, pos = b1 & 0x7F, pos + 2
+        if n == 126:
+            n, pos = struct.unpack("!H", stream[pos:pos + 2])[0], pos + 2
+        elif n == 127:
+            n, pos = struct.unpack("!Q", stream[pos:pos + 8])[0], pos + 8
+        payload, pos = stream[pos:pos + n], pos + n
+        assert len(payload) == n, "truncated payload"
+        if b0 & 0x0F == 0x8:
+            assert pos == len(stream), "bytes after the close frame"
+            if payload:
+                assert struct.unpack("!H", payload[:2])[0] in VALID_CLOSE_CODES
+                payload[2:].decode("utf-8")

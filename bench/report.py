@@ -75,19 +75,26 @@ def _result_cells(row: dict) -> tuple[str, str, str]:
     kind = row["kind"]
     if kind in ("fanout", "rooms"):
         return (si(v["median"], "/s"), "%s – %s" % (si(v["min"]), si(v["max"])),
-                "-" if ratio is None else "%.2fx" % ratio)
+                "-" if ratio is None else times(ratio))
     if kind == "latency":
         p50, mx = row.get("p50_ms", {}), row.get("max_ms", {})
         res = "p50 %s / p99 %s / max %s ms" % (ms(p50.get("median")), ms(v["median"]),
                                                ms(mx.get("median")))
         # For latency the ratio is of p99: below 1 means lower (better).
         return (res, "p99 %s – %s" % (ms(v["min"]), ms(v["max"])),
-                "-" if ratio is None else "p99 %.2fx" % ratio)
+                "-" if ratio is None else "p99 " + times(ratio))
     rss = row.get("rss_per_conn")
     res = "%s handshakes/s, %s/conn" % (si(v["median"]), kib(rss and rss["median"]))
     rr = row.get("rss_vs_fastrelay")
-    vs = "-" if ratio is None else "%.2fx%s" % (ratio, "" if rr is None else ", RSS %.2fx" % rr)
+    vs = "-" if ratio is None else "%s%s" % (times(ratio), "" if rr is None else ", RSS " + times(rr))
     return res, "%s – %s" % (si(v["min"]), si(v["max"])), vs
+
+
+def times(r: float) -> str:
+    """A ratio to fastrelay with two significant digits: 0.0031x, 0.52x, 380x."""
+    if r >= 100:
+        return "%.0fx" % r
+    return "%sx" % ("%.2g" % r if r < 1 else "%.3g" % r)
 
 
 def kib(x: Optional[float]) -> str:

@@ -32,7 +32,7 @@ import uvloop  # noqa: E402
 
 from bench import report, wire  # noqa: E402
 from bench.servers import BUILTIN, ROOT, ServerError, ServerProcess, ServerSpec, fastrelay_available  # noqa: E402
-from bench.workloads import RUNNERS, Settings, default_workloads  # noqa: E402
+from bench.workloads import RUNNERS, Settings, default_workloads, latency_workload  # noqa: E402
 
 DEFAULT_SERVERS = ["fastrelay", "websockets", "picows", "aiohttp"]
 
@@ -63,7 +63,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--lag-limit", type=int, default=0,
                    help="max messages the slowest member of a room may trail by "
                         "(default: derived from window and senders)")
-    p.add_argument("--rate", type=int, default=None, help="latency workload offered msg/s")
+    p.add_argument("--rate", default=None,
+                   help="latency workload offered msg/s, comma-separated (default 1000,2000)")
     p.add_argument("--connections", type=int, default=None, help="idle connections workload size")
     p.add_argument("--no-spot-check", action="store_true",
                    help="skip the extra websockets client that cross-checks each run")
@@ -123,11 +124,16 @@ def settings(args: argparse.Namespace) -> tuple[Settings, int]:
 def pick_workloads(args: argparse.Namespace) -> list:
     ws = default_workloads(args.quick)
     if args.rate:
-        for w in ws:
-            if w.kind == "latency":
-                w.params["rate"] = args.rate
-                w.key = "latency-r%d-%dhz" % (w.params["members"], args.rate)
-                w.label = "latency R=%d @%d msg/s" % (w.params["members"], args.rate)
+        try:
+            rates = [int(r) for r in args.rate.split(",") if r.strip()]
+        except ValueError:
+            raise SystemExit("--rate wants msg/s, comma-separated, got %r" % args.rate) from None
+        lat = [w for w in ws if w.kind == "latency"]
+        if lat:
+            at = ws.index(lat[0])
+            members = lat[0].params["members"]
+            ws = [w for w in ws if w.kind != "latency"]
+            ws[at:at] = [latency_workload(members, r) for r in rates]
     if args.connections:
         for w in ws:
             if w.kind == "connections":

@@ -50,18 +50,21 @@ class Workload:
 def default_workloads(quick: bool) -> list[Workload]:
     if quick:
         fan = [(20, 1), (20, 2)]
-        lat = dict(members=10, rate=200)
+        lats = [dict(members=10, rate=200)]
         rooms = dict(clients=40, room_size=2)
         conns = dict(clients=200, room_size=10)
     else:
         fan = [(100, 1), (100, 4), (1000, 1), (1000, 4)]
-        lat = dict(members=100, rate=2000)
+        # 1000 msg/s (100k deliveries/s) is within every peer's reach on
+        # the 2-core dev VM; 2000 msg/s is past what websockets and aiohttp
+        # sustain there, which shows as queueing.
+        lats = [dict(members=100, rate=1000), dict(members=100, rate=2000)]
         rooms = dict(clients=1000, room_size=2)
         conns = dict(clients=5000, room_size=10)
     out = [Workload("fanout-r%d-s%d" % (r, s), "fanout",
                     "fan-out R=%d S=%d" % (r, s), dict(members=r, senders=s)) for r, s in fan]
-    out.append(Workload("latency-r%d-%dhz" % (lat["members"], lat["rate"]), "latency",
-                        "latency R=%d @%d msg/s" % (lat["members"], lat["rate"]), lat))
+    for lat in lats:
+        out.append(latency_workload(lat["members"], lat["rate"]))
     out.append(Workload("rooms-%dx%d" % (rooms["clients"] // rooms["room_size"], rooms["room_size"]),
                         "rooms", "%d rooms of %d" % (rooms["clients"] // rooms["room_size"],
                                                      rooms["room_size"]), rooms))
@@ -119,6 +122,11 @@ class WindowControl:
 
     def windows(self) -> list[int]:
         return sorted(snd.window for snd in self.senders)
+
+
+def latency_workload(members: int, rate: int) -> Workload:
+    return Workload("latency-r%d-%dhz" % (members, rate), "latency",
+                    "latency R=%d @%d msg/s" % (members, rate), dict(members=members, rate=rate))
 
 
 class Meter:

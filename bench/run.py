@@ -19,6 +19,7 @@ import json
 import os
 import resource
 import shlex
+import signal
 import sys
 import time
 import traceback
@@ -204,6 +205,9 @@ async def one_run(spec: ServerSpec, w, s: Settings, server_cpu, log) -> dict:
 
 
 async def main_async(args: argparse.Namespace) -> int:
+    # SIGTERM (e.g. a CI timeout) cancels the run like Ctrl-C does, so every
+    # run's `finally` stops its server before the harness exits.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
     specs = build_servers(args)
     if not specs:
         print("no server to benchmark", file=sys.stderr)
@@ -340,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except asyncio.CancelledError:
+        print("terminated", file=sys.stderr)
+        return 143
     except SystemExit as exc:
         if isinstance(exc.code, str):
             print(exc.code, file=sys.stderr)

@@ -7,6 +7,7 @@ Only processes started here are ever signalled.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import queue
 import re
@@ -91,6 +92,19 @@ class ServerError(Exception):
     pass
 
 
+# Servers started and not yet stopped: a last-resort cleanup at exit, should
+# an error ever skip a run's own `finally`. Only these PIDs are signalled.
+_LIVE: set = set()
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for proc in list(_LIVE):
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
 @dataclass
 class ServerProcess:
     spec: ServerSpec
@@ -131,6 +145,7 @@ class ServerProcess:
             raise ServerError("%s: cannot start %r: %s" % (self.spec.name, argv, exc)) from exc
         finally:
             err.close()
+        _LIVE.add(self.proc)
         lines: queue.Queue = queue.Queue()
 
         def pump(stream, tail: deque) -> None:
@@ -203,6 +218,7 @@ class ServerProcess:
                     rc = proc.wait(10)
             else:
                 rc = proc.returncode
+            _LIVE.discard(proc)
         self.last_stderr = self.stderr_tail()
         if self._tmpdir is not None:
             self._tmpdir.cleanup()

@@ -782,7 +782,7 @@ class Connector:
         self.ep.register(fd, select.EPOLLOUT)
 
     def _on_events(self) -> None:
-        for fd, ev in self.ep.poll(0):
+        for fd, _events in self.ep.poll(0):
             st = self.inflight.get(fd)
             if st is None:
                 continue

@@ -114,10 +114,10 @@ def table(summary: list[dict]) -> str:
                      pct(row.get("client_cpu", {}).get("median")),
                      pct(row.get("server_cpu", {}).get("median")),
                      pct(row.get("other_cpu", {}).get("max")), verified])
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
 
     def line(cells: list) -> str:
-        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
 
     out = [line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     out += [line(r) for r in rows]

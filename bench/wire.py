@@ -376,7 +376,7 @@ class StreamVerifier:
         seq = seq.astype(np.int64)
         single = len(self.senders) == 1
         seen = 0
-        for s, key in zip(self.senders, self._keys):
+        for s, key in zip(self.senders, self._keys, strict=True):
             if single:
                 if (sid_key != key).any():
                     self._fail("frame from a sender that is not in this room")
@@ -458,7 +458,7 @@ def latency_samples(verifiers, t_from: int, t_to: int):
     if HAVE_NUMPY:
         parts = []
         for v in verifiers:
-            for ts, lat in zip(v.lat_ts, v.lat_ns):
+            for ts, lat in zip(v.lat_ts, v.lat_ns, strict=True):
                 ts = np.asarray(ts)
                 sel = (ts >= t_from) & (ts < t_to)
                 parts.append(np.asarray(lat)[sel])
@@ -467,8 +467,8 @@ def latency_samples(verifiers, t_from: int, t_to: int):
         return np.sort(np.concatenate(parts))
     out = []
     for v in verifiers:
-        for ts, lat in zip(v.lat_ts, v.lat_ns):
-            out.extend(l for t, l in zip(ts, lat) if t_from <= t < t_to)
+        for ts, lat in zip(v.lat_ts, v.lat_ns, strict=True):
+            out.extend(d for t, d in zip(ts, lat, strict=True) if t_from <= t < t_to)
     out.sort()
     return out
 

@@ -23,6 +23,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
 
+try:
+    import psutil
+except ImportError:  # pragma: no cover
+    psutil = None
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEERS = os.path.join(ROOT, "bench", "peers")
 READY_RE = re.compile(r"listening on ws://(\[[^\]]+\]|[^\s:/]+):(\d+)")
@@ -205,10 +210,21 @@ class ServerProcess:
         except OSError:
             return []
 
+    def _descendants(self, proc: subprocess.Popen) -> list:
+        """Processes the server started itself (a --server-cmd may be a
+        wrapper such as `sh -c`); they are ours to stop as well."""
+        if psutil is None:
+            return []
+        try:
+            return psutil.Process(proc.pid).children(recursive=True)
+        except psutil.Error:
+            return []
+
     def stop(self, timeout: float = 15.0) -> Optional[int]:
         proc, self.proc = self.proc, None
         rc = None
         if proc is not None:
+            kids = self._descendants(proc)
             if proc.poll() is None:
                 try:
                     proc.send_signal(signal.SIGTERM)
@@ -219,6 +235,18 @@ class ServerProcess:
             else:
                 rc = proc.returncode
             _LIVE.discard(proc)
+            if kids:
+                for k in kids:
+                    try:
+                        k.terminate()
+                    except psutil.Error:
+                        pass
+                _, alive = psutil.wait_procs(kids, timeout=timeout)
+                for k in alive:
+                    try:
+                        k.kill()
+                    except psutil.Error:
+                        pass
         self.last_stderr = self.stderr_tail()
         if self._tmpdir is not None:
             self._tmpdir.cleanup()

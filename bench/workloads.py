@@ -135,22 +135,38 @@ class Meter:
     def __init__(self, server: ServerProcess) -> None:
         self.ps = psutil.Process(server.pid) if psutil is not None else None
 
+    def _tree(self) -> list:
+        # A --server-cmd may be a wrapper (sh -c, taskset, timeout ...):
+        # count the whole process tree it started.
+        try:
+            return [self.ps] + self.ps.children(recursive=True)
+        except psutil.Error:
+            return [self.ps]
+
     def server_cpu(self) -> float:
         if self.ps is None:
             return float("nan")
-        try:
-            t = self.ps.cpu_times()
-            return t.user + t.system
-        except psutil.Error:
-            return float("nan")
+        total = 0.0
+        for p in self._tree():
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                if p is self.ps:
+                    return float("nan")
+        return total
 
     def rss(self) -> Optional[int]:
         if self.ps is None:
             return None
-        try:
-            return self.ps.memory_info().rss
-        except psutil.Error:
-            return None
+        total = 0
+        for p in self._tree():
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                if p is self.ps:
+                    return None
+        return total
 
     def others(self) -> dict:
         """CPU seconds so far of every process other than the load
@@ -158,7 +174,7 @@ class Meter:
         out = {}
         if psutil is None:
             return out
-        skip = {os.getpid(), self.ps.pid if self.ps is not None else -1}
+        skip = {os.getpid()} | ({p.pid for p in self._tree()} if self.ps is not None else set())
         for p in psutil.process_iter(["cpu_times"]):
             if p.pid in skip:
                 continue

@@ -9,7 +9,7 @@ delivery is a few nanoseconds; the cost that remains is per read syscall.
 Two ways of reading, for two purposes:
 - "immediate": the socket is watched by the event loop (add_reader) and read
   as soon as bytes arrive. Senders use it (their echoes open their window),
-  and so does everything in the latency workload.
+  and so do the members whose latency is measured.
 - "paced": pure receivers are watched by a private epoll set that a Pacer
   polls every few milliseconds, reading each ready socket once. A receiver
   that is read the moment each 66-byte frame arrives costs one syscall per
@@ -80,9 +80,9 @@ class Room:
         self.lag_waits = 0
         self.ref: Optional[RefStream] = None
 
-    def shared_stream(self, senders: list[int]) -> RefStream:
+    def shared_stream(self, senders: list[int], stamped: bool) -> RefStream:
         if self.ref is None:
-            self.ref = RefStream(senders)
+            self.ref = RefStream(senders, stamped)
         return self.ref
 
     def add(self, member: "Member") -> None:
@@ -216,7 +216,7 @@ class Member:
     """A client in a room that receives and verifies every message."""
 
     def __init__(self, room: Room, senders: list[int], latency: bool = False,
-                 buf_size: int = BUF_SIZE) -> None:
+                 buf_size: int = BUF_SIZE, stamped: Optional[bool] = None) -> None:
         self.room = room
         self.sock: Optional[socket.socket] = None
         self.fd = -1
@@ -232,8 +232,10 @@ class Member:
         self.nbytes = 0         # bytes received after the handshake
         self.base = 0           # stream offset of buf[0]
         self.watch = INF        # nbytes threshold that calls room.reached()
+        stamped = latency if stamped is None else stamped
         self.verifier = StreamVerifier(
-            senders, latency, ref=None if latency else room.shared_stream(senders))
+            senders, latency, ref=None if latency else room.shared_stream(senders, stamped),
+            stamped=stamped)
         self.marks: Optional[list] = [] if latency else None
         self.mask = wire.new_mask()
         self.out: list[bytes] = []

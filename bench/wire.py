@@ -180,10 +180,10 @@ class RefStream:
 
     TRIM_AT = 256 << 10     # try to drop consumed bytes above this size
 
-    def __init__(self, senders: list[int]) -> None:
+    def __init__(self, senders: list[int], stamped: bool = False) -> None:
         self.senders = list(senders)
         self.markers = {s: sender_marker(s) for s in self.senders}
-        self.verifier = StreamVerifier(senders)
+        self.verifier = StreamVerifier(senders, stamped=stamped)
         self.buf = bytearray()
         self.base = 0                               # data offset of buf[0]
         self.checkpoints = [(0, dict(self.verifier.next_seq))]
@@ -258,20 +258,22 @@ class StreamVerifier:
     """
 
     def __init__(self, senders: list[int], latency: bool = False,
-                 ref: Optional[RefStream] = None) -> None:
+                 ref: Optional[RefStream] = None, stamped: Optional[bool] = None) -> None:
         self.senders = list(senders)
         self.next_seq = {s: 0 for s in self.senders}
         self.frames = 0             # data frames verified
         self.error: Optional[str] = None
         self.loss_note: Optional[str] = None    # first gap seen, if any
-        self.latency = latency
+        self.latency = latency      # collect per-frame latency
+        # Frames carry send times (latency workload) or a zero timestamp.
+        self.stamped = latency if stamped is None else stamped
         self.lat_ts: list = []      # send timestamps (ns)
         self.lat_ns: list = []      # delivery latency (ns)
         # Each sender id with its ':' as the big-endian integer _check_np reads.
         self._keys = [int.from_bytes(b"%06d:" % s_, "big") for s_ in self.senders]
         self.ref = ref if (HAVE_NUMPY and not latency) else None
         # Throughput frames carry no timestamp: its digits must all be 0.
-        self._shape = (_STAMPED if latency else _PLAIN) if HAVE_NUMPY else None
+        self._shape = (_STAMPED if self.stamped else _PLAIN) if HAVE_NUMPY else None
         self.on_ref = self.ref is not None
         if self.ref is not None:
             self.ref.followers.append(self)
@@ -428,7 +430,7 @@ class StreamVerifier:
                 s = int(pl[:SID_W])
                 q = int(pl[SEQ_OFF:SEQ_OFF + SEQ_W])
                 ts = int(pl[TS_OFF:TS_OFF + TS_W])
-                ok = ok and (self.latency or ts == 0)
+                ok = ok and (self.stamped or ts == 0)
             except ValueError:
                 ok = False
             if not ok:

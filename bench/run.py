@@ -316,7 +316,8 @@ def write_markdown(path: str, meta: dict, tbl: str, bound: list, noisy: list,
         % (meta["pinning"], meta["reps"], meta["settings"]["warmup"], meta["settings"]["duration"]),
         "- result = median over repetitions, with min – max; client CPU = load generator "
         "process CPU time / wall time, server CPU likewise for the server process (medians); "
-        "other CPU = all other processes on the machine (highest repetition)",
+        "other CPU = everything else on the machine, /proc/stat user+system minus client "
+        "and server (highest repetition)",
         "",
         tbl,
         "",

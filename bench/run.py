@@ -61,6 +61,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "window adapts below it, see WindowControl)")
     p.add_argument("--window-rooms", type=int, default=None,
                    help="same for the many-small-rooms workload (default 256)")
+    p.add_argument("--queue-ms", type=float, default=None,
+                   help="queued work a sender's window allows beyond its round trip "
+                        "(default 50 for fan-out, 200 for small rooms)")
     p.add_argument("--lag-limit", type=int, default=0,
                    help="max messages the slowest member of a room may trail by "
                         "(default: derived from window and senders)")
@@ -118,6 +121,8 @@ def settings(args: argparse.Namespace) -> tuple[Settings, int]:
                  window=args.window or 1024, window_rooms=args.window_rooms or 256,
                  lag_limit=args.lag_limit, spot_check=not args.no_spot_check,
                  drain_timeout=10.0 if q else 30.0)
+    if args.queue_ms is not None:
+        s.queue_fanout = s.queue_rooms = args.queue_ms / 1000.0
     reps = args.reps if args.reps is not None else (1 if q else 3)
     return s, reps
 

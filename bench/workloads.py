@@ -28,7 +28,11 @@ class Settings:
     window: int = 1024          # most un-echoed messages per sender (fan-out)
     window_rooms: int = 256     # same, many-small-rooms workload
     window_min: int = 16        # windows start here and never go below
-    rtt_target: float = 0.05    # windows aim at this much queued work (s)
+    # Queued work a window allows beyond the round trip (s). Deeper queues
+    # made the peers slower in fan-out (bursts overflow socket buffers) and
+    # faster in small rooms (bigger reads); these values favour the peers.
+    queue_fanout: float = 0.05
+    queue_rooms: float = 0.2
     lag_limit: int = 0          # 0: derived from window and senders
     concurrency: int = 100      # handshakes in flight while connecting
     spot_check: bool = True
@@ -74,16 +78,20 @@ def default_workloads(quick: bool) -> list[Workload]:
 
 
 class WindowControl:
-    """Sizes each sender's window to its echo rate x rtt_target.
+    """Sizes each sender's window: enough for the round trip it gets when
+    nothing queues, plus `queue` seconds of queued work.
 
-    A window only has to keep the server from running dry, and anything
-    beyond that is a queue: with 1024 messages in flight per sender, a room
-    of 1000 on a relay doing 150k deliveries/s holds seconds of work, which
-    the end of each run would have to wait for. Every 50 ms each window
-    becomes what the sender's messages came back at times rtt_target
-    (at most double the last value, between window_min and the maximum),
-    so fast relays get deep windows and slow ones short queues; the
-    throughput measured is the same either way while the server is busy.
+    A window only has to keep the server from running dry; anything beyond
+    that is a queue. With 1024 messages in flight per sender, a room of 1000
+    on a relay doing 150k deliveries/s holds seconds of work, which the end
+    of each run would then have to wait for. Every 50 ms each sender's
+    window becomes rate x (base round trip + queue), where rate is how
+    fast its messages came back and the base round trip is the smallest
+    in-flight/rate seen so far (Little's law): fast relays get deep windows,
+    slow ones a short queue, and a load generator that is itself slow to
+    turn echoes around (a thousand paced senders) is not mistaken for a slow
+    relay. A window at most doubles per period and stays within
+    [window_min, maximum].
     """
 
     PERIOD = 0.05
@@ -91,6 +99,7 @@ class WindowControl:
     def __init__(self, senders: list[Sender], wmin: int, wmax: int, target: float) -> None:
         self.senders, self.wmin, self.wmax, self.target = senders, wmin, wmax, target
         self.task: Optional[asyncio.Task] = None
+        self.base = [float("inf")] * len(senders)
         for snd in senders:
             self._set(snd, wmin)
 
@@ -111,7 +120,10 @@ class WindowControl:
             for i, snd in enumerate(self.senders):
                 e = snd.echoed
                 rate, last[i] = (e - last[i]) / dt, e
-                w = min(int(rate * self.target), 2 * snd.window)
+                if rate <= 0:
+                    continue
+                self.base[i] = min(self.base[i], (snd.sent - e) / rate)
+                w = min(int(rate * (self.base[i] + self.target)), 2 * snd.window)
                 self._set(snd, max(self.wmin, min(self.wmax, w)))
                 if snd.running:
                     snd.refill()
@@ -278,7 +290,9 @@ async def run_fanout(server: ServerProcess, w: Workload, s: Settings,
     senders = [Sender(room, sids, sid, s.window_min) for sid in sids]
     members = senders + [Member(room, sids) for _ in range(n - k)]
     return await _throughput(server, [room], members, senders, room, sids, s, log, s.window,
-                             extra=dict(members=n, senders=k, window_max=s.window, lag_limit=lag))
+                             s.queue_fanout,
+                             extra=dict(members=n, senders=k, window_max=s.window, lag_limit=lag,
+                                        queue_s=s.queue_fanout))
 
 
 async def run_rooms(server: ServerProcess, w: Workload, s: Settings,
@@ -295,16 +309,17 @@ async def run_rooms(server: ServerProcess, w: Workload, s: Settings,
     first = rooms[0]
     return await _throughput(server, rooms, members, members, first,
                              [m.sid for m in first.senders], s, log, s.window_rooms,
+                             s.queue_rooms,
                              extra=dict(clients=n, room_size=size, window_max=s.window_rooms,
-                                        lag_limit=lag))
+                                        lag_limit=lag, queue_s=s.queue_rooms))
 
 
 async def _throughput(server, rooms, members, senders, spot_room, spot_sids, s, log, wmax,
-                      extra) -> dict:
+                      queue, extra) -> dict:
     meter = Meter(server)
     spot = None
     pacer = Pacer()
-    control = WindowControl(senders, s.window_min, wmax, s.rtt_target)
+    control = WindowControl(senders, s.window_min, wmax, queue)
     try:
         await _open(server, members, s, log)
         for m in members:

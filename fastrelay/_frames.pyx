@@ -98,6 +98,10 @@ DEF ST_CLOSED = 3    # nothing more is read or written
 # partial frame is copied into a connection's own buffer. Idle connections
 # therefore hold no receive buffer at all.
 DEF SHARED_READ_SIZE = 262144
+# The arena starts at 64 KiB and is shrunk back to 4 MiB after a turn that
+# needed more.
+DEF ARENA_START = 65536
+DEF ARENA_KEEP = 4194304
 # At most this many slices per sendmsg (Linux IOV_MAX is 1024).
 DEF MAX_IOV = 512
 
@@ -478,7 +482,6 @@ cdef class Hub:
     cdef PyObject **dirty
     cdef Py_ssize_t ndirty
     cdef Py_ssize_t dirty_cap
-    cdef bint flushing
 
     cdef char *shared_read
     cdef object shared_view
@@ -515,7 +518,7 @@ cdef class Hub:
         self.drop_slow = slow_client_policy == "drop"
         self.max_rate = max_messages_per_second
         self.closes = {}
-        self.arena_cap = 65536
+        self.arena_cap = ARENA_START
         self.arena = <char *>malloc(self.arena_cap)
         self.dirty_cap = 64
         self.dirty = <PyObject **>malloc(self.dirty_cap * sizeof(PyObject *))
@@ -632,7 +635,6 @@ cdef class Hub:
         """Write every dirty connection's slices: one sendmsg each."""
         cdef Py_ssize_t i
         cdef Connection c
-        self.flushing = True
         try:
             i = 0
             # Entries added while flushing (none are expected) are
@@ -662,7 +664,15 @@ cdef class Hub:
                 Py_DECREF(<object>self.dirty[i])
             self.ndirty = 0
             self.arena_len = 0
-            self.flushing = False
+            if self.arena_cap > ARENA_KEEP:
+                # A turn of big messages grew it: give the memory back.
+                self.shrink_arena()
+
+    cdef void shrink_arena(self) noexcept:
+        cdef char *smaller = <char *>realloc(self.arena, ARENA_KEEP)
+        if smaller != NULL:
+            self.arena = smaller
+            self.arena_cap = ARENA_KEEP
 
 
 cdef class Connection:

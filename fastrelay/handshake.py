@@ -34,6 +34,10 @@ _STATUS = {
 }
 
 
+# Sent with 426: the upgrade we expect and the version we speak (RFC 6455 §4.4).
+UPGRADE_HEADERS = (("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13"))
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_head: int = 8192
@@ -184,12 +188,12 @@ def _decide(head: str, consumed: int, limits: Limits) -> Accept | Refuse | Plain
     if "websocket" not in _tokens(upgrade):
         if not upgrade:
             return PlainGet(room)
-        return refuse("upgrade_required", "Upgrade: websocket required", _UPGRADE_HEADERS)
+        return refuse("upgrade_required", "Upgrade: websocket required", UPGRADE_HEADERS)
     if "upgrade" not in _tokens(",".join(headers.get("connection", ()))):
         return refuse("bad_request", "Connection: Upgrade required")
     if single("sec-websocket-version") != "13":
         # RFC 6455 §4.4: name the version we speak.
-        return refuse("upgrade_required", "unsupported Sec-WebSocket-Version", _UPGRADE_HEADERS)
+        return refuse("upgrade_required", "unsupported Sec-WebSocket-Version", UPGRADE_HEADERS)
     key = single("sec-websocket-key")
     if key is None or not _key_is_valid(key):
         return refuse("bad_request", "missing or malformed Sec-WebSocket-Key")
@@ -205,9 +209,6 @@ def _decide(head: str, consumed: int, limits: Limits) -> Accept | Refuse | Plain
                 "Connection: Upgrade\r\n"
                 f"Sec-WebSocket-Accept: {accept_key(key)}\r\n\r\n").encode("ascii")
     return Accept(room, response, consumed)
-
-
-_UPGRADE_HEADERS = (("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13"))
 
 
 def _key_is_valid(key: str) -> bool:

@@ -78,7 +78,7 @@ class RelayProtocol(Connection):
         if isinstance(result, handshake.PlainGet):
             if relay.demo_page is None:
                 result = handshake.refuse("upgrade_required", "this is a WebSocket endpoint",
-                                          (("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13")))
+                                          handshake.UPGRADE_HEADERS)
             else:
                 self._cancel_timer()
                 self.reject(handshake.http_response(200, "OK", relay.demo_page,

@@ -31,6 +31,8 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memmove
 
+import zlib
+
 
 cdef extern from "Python.h":
     object PyMemoryView_FromMemory(char *mem, Py_ssize_t size, int flags)
@@ -102,6 +104,10 @@ DEF SHARED_READ_SIZE = 262144
 # needed more.
 DEF ARENA_START = 65536
 DEF ARENA_KEEP = 4194304
+# permessage-deflate: messages shorter than this go uncompressed (RSV1 clear,
+# which RFC 7692 section 6 allows); zlib level 6 is its default.
+DEF COMPRESS_MIN = 128
+DEF COMPRESS_LEVEL = 6
 # At most this many slices per sendmsg (Linux IOV_MAX is 1024).
 DEF MAX_IOV = 512
 
@@ -128,6 +134,7 @@ class FrameError(Exception):
 
 cdef struct Header:
     uint8_t fin
+    uint8_t rsv1
     uint8_t opcode
     uint8_t masked
     uint32_t mask
@@ -153,7 +160,7 @@ cdef inline uint64_t load_be64(const uint8_t *p) noexcept nogil:
 
 
 cdef Py_ssize_t read_header(const uint8_t *p, size_t avail, Header *h,
-                            bint require_mask) noexcept nogil:
+                            bint require_mask, bint allow_rsv1) noexcept nogil:
     """Parse one frame header (RFC 6455 section 5.2).
 
     Returns the header length, 0 if more bytes are needed, or minus the
@@ -169,9 +176,10 @@ cdef Py_ssize_t read_header(const uint8_t *p, size_t avail, Header *h,
     h.opcode = b0 & 0x0F
     h.masked = b1 >> 7
     n7 = b1 & 0x7F
-    # Section 5.2: RSV1-3 MUST be 0 unless an extension defines them; none
-    # is negotiated.
-    if b0 & 0x70:
+    # Section 5.2: RSV1-3 MUST be 0 unless an extension defines them; only
+    # permessage-deflate (RFC 7692) defines RSV1, and only when negotiated.
+    h.rsv1 = (b0 >> 6) & 1
+    if b0 & 0x30 or (h.rsv1 and not allow_rsv1):
         h.reason = b"reserved bits set"
         return -CLOSE_PROTOCOL_ERROR
     if h.opcode >= 0x8:
@@ -385,7 +393,7 @@ cdef class FrameReader:
         p = <uint8_t *><char *>self.buf
         avail = len(self.buf)
         while True:
-            hlen = read_header(p + pos, avail - pos, &h, self.require_mask)
+            hlen = read_header(p + pos, avail - pos, &h, self.require_mask, False)
             if hlen < 0:
                 raise FrameError(-hlen, h.reason.decode())
             if hlen == 0 or avail - pos - hlen < h.length:
@@ -410,6 +418,7 @@ cdef class Room:
     cdef PyObject **members
     cdef Py_ssize_t count
     cdef Py_ssize_t capacity
+    cdef Py_ssize_t deflate_members  # how many negotiated permessage-deflate
 
     def __cinit__(self, str name):
         self.name = name
@@ -440,6 +449,7 @@ cdef class Room:
         self.members[self.count] = <PyObject *>c
         c.room_index = self.count
         self.count += 1
+        self.deflate_members += c.deflate
         return 0
 
     cdef void remove(self, Connection c) noexcept:
@@ -453,6 +463,7 @@ cdef class Room:
             self.members[i] = <PyObject *>last
             last.room_index = i
         c.room_index = -1
+        self.deflate_members -= c.deflate
         Py_DECREF(c)
 
 
@@ -579,12 +590,12 @@ cdef class Hub:
         self.arena_len += n
         return offset
 
-    cdef size_t encode(self, uint8_t opcode, const char *payload, size_t n,
+    cdef size_t encode(self, uint8_t first, const char *payload, size_t n,
                        size_t *length) except? 0:
-        """Encode one unfragmented frame into the arena, once; returns its
-        offset and sets *length."""
+        """Encode one unfragmented frame (first byte: FIN, RSV1, opcode)
+        into the arena, once; returns its offset and sets *length."""
         cdef uint8_t head[10]
-        cdef size_t hlen = write_header(head, 0x80 | opcode, n)
+        cdef size_t hlen = write_header(head, first, n)
         cdef size_t offset = self.arena_reserve(hlen + n)
         memcpy(self.arena + offset, head, hlen)
         memcpy(self.arena + offset + hlen, payload, n)
@@ -611,13 +622,17 @@ cdef class Hub:
 
     cdef int broadcast(self, Connection sender, uint8_t opcode,
                        const char *payload, size_t n) except -1:
-        """Encode the frame once and give every member a slice of it."""
+        """Encode the frame once (and once compressed, when members of the
+        room negotiated permessage-deflate) and give every member a slice."""
         cdef Room room = sender.room
         cdef Connection m
         cdef Py_ssize_t i
         cdef size_t delivered = 0
-        cdef size_t length
-        cdef size_t offset = self.encode(opcode, payload, n, &length)
+        cdef size_t length, zlength = 0
+        cdef size_t offset = self.encode(0x80 | opcode, payload, n, &length)
+        cdef size_t zoffset = 0
+        if room.deflate_members and n >= COMPRESS_MIN:
+            zoffset = self.encode_compressed(opcode, payload, n, &zlength)
         self.messages += 1
         for i in range(room.count):
             m = <Connection>room.members[i]
@@ -626,10 +641,27 @@ cdef class Hub:
             if self.drop_slow and m.backlog > self.max_backlog and m.refresh_backlog():
                 self.slow_drops += 1
                 continue
-            m.append_slice(offset, length)
+            if zlength and m.deflate:
+                m.append_slice(zoffset, zlength)
+            else:
+                m.append_slice(offset, length)
             delivered += 1
         self.deliveries += delivered
         return 0
+
+    cdef size_t encode_compressed(self, uint8_t opcode, const char *payload, size_t n,
+                                  size_t *length) except? 0:
+        """RFC 7692 section 7.2.1 without context takeover: deflate the
+        message on its own, drop the 00 00 ff ff tail, set RSV1. Sets
+        *length to 0 when compression does not make it smaller."""
+        deflater = zlib.compressobj(COMPRESS_LEVEL, zlib.DEFLATED, -15)
+        data = deflater.compress(PyBytes_FromStringAndSize(payload, n))
+        data += deflater.flush(zlib.Z_SYNC_FLUSH)
+        cdef size_t zn = len(data) - 4
+        if zn >= n:
+            length[0] = 0
+            return 0
+        return self.encode(0x80 | 0x40 | opcode, PyBytes_AS_STRING(data), zn, length)
 
     def flush(self):
         """Write every dirty connection's slices: one sendmsg each."""
@@ -690,6 +722,7 @@ cdef class Connection:
     cdef int fd                      # the socket, or -1 once closed
     cdef bint direct                 # False: write through the transport (TLS)
     cdef readonly int state
+    cdef readonly bint deflate       # permessage-deflate negotiated
 
     # Bytes of an unfinished frame (or of the request head) kept between reads.
     cdef char *rbuf
@@ -700,6 +733,7 @@ cdef class Connection:
 
     # Fragmented message being reassembled (section 5.4).
     cdef uint8_t frag_opcode
+    cdef bint compressed             # the message being read has RSV1 (RFC 7692)
     cdef char *fbuf
     cdef size_t flen
     cdef size_t fcap
@@ -829,7 +863,7 @@ cdef class Connection:
             view.release()
         return 0
 
-    def accept(self, str room_name, bytes response, Py_ssize_t consumed):
+    def accept(self, str room_name, bytes response, Py_ssize_t consumed, bint deflate=False):
         """Send the 101 response, join the room and parse whatever frames
         followed the request in the same read (none are lost)."""
         cdef Hub hub = self.hub
@@ -839,6 +873,7 @@ cdef class Connection:
             raise RuntimeError("accept() outside the handshake")
         self.send_raw(PyBytes_AS_STRING(response), len(response))
         self.state = ST_OPEN
+        self.deflate = deflate
         room = hub.rooms.get(room_name)
         if room is None:
             room = Room(room_name)
@@ -878,7 +913,7 @@ cdef class Connection:
         self.rneed = 0
         while self.state == ST_OPEN or self.state == ST_CLOSING:
             p = <uint8_t *>data + pos
-            hlen = read_header(p, total - pos, &h, True)
+            hlen = read_header(p, total - pos, &h, True, self.deflate)
             if hlen < 0:
                 self.fail(-hlen, h.reason)
                 return total
@@ -901,52 +936,77 @@ cdef class Connection:
                 # Section 5.5.1: after our close, only the peer's close
                 # matters; data still in flight is discarded.
                 continue
-            if h.opcode == OP_TEXT or h.opcode == OP_BINARY:
-                if self.frag_opcode:
-                    self.fail(CLOSE_PROTOCOL_ERROR, b"new message inside a fragmented one")
+            if h.opcode >= 0x8:
+                if h.rsv1:
+                    self.fail(CLOSE_PROTOCOL_ERROR, b"RSV1 set on a control frame")
                     return total
-                if h.opcode == OP_TEXT:
-                    self.utf8_state = UTF8_ACCEPT
-                    if utf8_feed(&self.utf8_state, payload, n) < 0 or (
-                            h.fin and self.utf8_state != UTF8_ACCEPT):
-                        self.fail(CLOSE_INVALID_DATA, b"invalid UTF-8")
-                        return total
-                if h.fin:
-                    if self.over_rate():
-                        self.fail(CLOSE_POLICY, b"message rate limit exceeded")
-                        return total
-                    hub.broadcast(self, h.opcode, <char *>payload, n)
+                if h.opcode == OP_PING:
+                    # Section 5.5.3: a pong carries the ping's payload.
+                    if self.state == ST_OPEN:
+                        self.send_control(OP_PONG, <char *>payload, n)
+                elif h.opcode == OP_PONG:
+                    self.pong_received = True
                 else:
-                    self.frag_opcode = h.opcode
-                    self.flen = 0
-                    self.append_fragment(payload, n)
-            elif h.opcode == OP_CONT:
+                    self.on_close_frame(payload, n)
+                    return total
+                continue
+            if h.opcode == OP_CONT:
                 if not self.frag_opcode:
                     self.fail(CLOSE_PROTOCOL_ERROR, b"continuation without a message")
                     return total
-                if self.frag_opcode == OP_TEXT:
-                    if utf8_feed(&self.utf8_state, payload, n) < 0 or (
-                            h.fin and self.utf8_state != UTF8_ACCEPT):
-                        self.fail(CLOSE_INVALID_DATA, b"invalid UTF-8")
-                        return total
-                self.append_fragment(payload, n)
-                if h.fin:
-                    if self.over_rate():
-                        self.fail(CLOSE_POLICY, b"message rate limit exceeded")
-                        return total
-                    hub.broadcast(self, self.frag_opcode, self.fbuf, self.flen)
-                    self.frag_opcode = 0
-                    self.release_fragments()
-            elif h.opcode == OP_PING:
-                # Section 5.5.3: a pong carries the ping's payload.
-                if self.state == ST_OPEN:
-                    self.send_control(OP_PONG, <char *>payload, n)
-            elif h.opcode == OP_PONG:
-                self.pong_received = True
+                if h.rsv1:
+                    # RFC 7692 section 6.1: only a message's first frame.
+                    self.fail(CLOSE_PROTOCOL_ERROR, b"RSV1 set on a continuation frame")
+                    return total
             else:
-                self.on_close_frame(payload, n)
+                if self.frag_opcode:
+                    self.fail(CLOSE_PROTOCOL_ERROR, b"new message inside a fragmented one")
+                    return total
+                self.frag_opcode = h.opcode
+                self.compressed = h.rsv1
+                self.utf8_state = UTF8_ACCEPT
+            if self.frag_opcode == OP_TEXT and not self.compressed:
+                # Fail at the first invalid byte, not at the end (section 8.1).
+                if utf8_feed(&self.utf8_state, payload, n) < 0 or (
+                        h.fin and self.utf8_state != UTF8_ACCEPT):
+                    self.fail(CLOSE_INVALID_DATA, b"invalid UTF-8")
+                    return total
+            if not h.fin:
+                self.append_fragment(payload, n)
+                continue
+            if self.over_rate():
+                self.fail(CLOSE_POLICY, b"message rate limit exceeded")
                 return total
+            if self.flen:
+                self.append_fragment(payload, n)
+                payload = <uint8_t *>self.fbuf
+                n = self.flen
+            if self.compressed:
+                self.relay_compressed(<char *>payload, n)
+            else:
+                hub.broadcast(self, self.frag_opcode, <char *>payload, n)
+            self.frag_opcode = 0
+            self.release_fragments()
         return pos
+
+    cdef int relay_compressed(self, const char *payload, size_t n) except -1:
+        """Inflate a permessage-deflate message (RFC 7692 section 7.2.2),
+        check its size and text, and relay the plain bytes."""
+        cdef Hub hub = self.hub
+        inflater = zlib.decompressobj(-15)
+        try:
+            data = inflater.decompress(PyBytes_FromStringAndSize(payload, n) + b"\x00\x00\xff\xff",
+                                       hub.max_message_size + 1)
+        except zlib.error:
+            return self.fail(CLOSE_INVALID_DATA, b"invalid compressed data")
+        if len(data) > hub.max_message_size or inflater.unconsumed_tail:
+            return self.fail(CLOSE_TOO_BIG, b"message too big")
+        cdef uint32_t state = UTF8_ACCEPT
+        if self.frag_opcode == OP_TEXT and (
+                utf8_feed(&state, <const uint8_t *>PyBytes_AS_STRING(data), len(data)) < 0
+                or state != UTF8_ACCEPT):
+            return self.fail(CLOSE_INVALID_DATA, b"invalid UTF-8")
+        return hub.broadcast(self, self.frag_opcode, PyBytes_AS_STRING(data), len(data))
 
     cdef inline bint over_rate(self) noexcept:
         """Count one message against the limit of the current window."""
@@ -1110,7 +1170,7 @@ cdef class Connection:
 
     cdef int send_control(self, uint8_t opcode, const char *payload, size_t n) except -1:
         cdef size_t length
-        cdef size_t offset = self.hub.encode(opcode, payload, n, &length)
+        cdef size_t offset = self.hub.encode(0x80 | opcode, payload, n, &length)
         self.append_slice(offset, length)
         return 0
 

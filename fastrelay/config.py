@@ -190,6 +190,13 @@ class RelayConfig:
             "A plain `GET` on the relay port serves the browser chat demo `example/index.html`."
         ),
     )
+    compression: bool = field(
+        default=False,
+        metadata=_opt(
+            "Negotiate permessage-deflate (RFC 7692) with clients that offer it, without context takeover: "
+            "each message of 128 bytes or more is compressed once for all such members of its room."
+        ),
+    )
 
 
 @dataclass(frozen=True)

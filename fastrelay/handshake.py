@@ -43,6 +43,7 @@ class Limits:
     max_head: int = 8192
     max_headers: int = 64
     allowed_origins: tuple[str, ...] = ()
+    compression: bool = False  # negotiate permessage-deflate (RFC 7692)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +58,7 @@ class Accept:
     room: str
     response: bytes
     consumed: int  # bytes of the request head; what follows is frames
+    deflate: bool = False  # permessage-deflate negotiated
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,11 +206,51 @@ def _decide(head: str, consumed: int, limits: Limits) -> Accept | Refuse | Plain
         if origin is None or origin.lower() not in limits.allowed_origins:
             return refuse("forbidden_origin", f"origin {origin!r} not allowed")
 
+    deflate = limits.compression and _offers_deflate(headers.get("sec-websocket-extensions", []))
     response = ("HTTP/1.1 101 Switching Protocols\r\n"
                 "Upgrade: websocket\r\n"
                 "Connection: Upgrade\r\n"
-                f"Sec-WebSocket-Accept: {accept_key(key)}\r\n\r\n").encode("ascii")
-    return Accept(room, response, consumed)
+                f"Sec-WebSocket-Accept: {accept_key(key)}\r\n"
+                + (f"Sec-WebSocket-Extensions: {DEFLATE_RESPONSE}\r\n" if deflate else "")
+                + "\r\n").encode("ascii")
+    return Accept(room, response, consumed, deflate)
+
+
+# RFC 7692 §7.1.1: without context takeover on either side every message is
+# compressed on its own, so the relay compresses a message once for all
+# members and inflates each client message with a fresh decompressor. A
+# server may ask for client_no_context_takeover even when it was not offered.
+DEFLATE_RESPONSE = "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+
+
+def _offers_deflate(values: list[str]) -> bool:
+    """True if one permessage-deflate offer is one we can accept as is
+    (RFC 7692 §7.1): known parameters, each at most once, and no limit on
+    our window below the 15 bits the relay compresses with."""
+    for offer in ",".join(values).split(","):
+        name, *params = [part.strip() for part in offer.split(";")]
+        if name.lower() != "permessage-deflate":
+            continue
+        seen: set[str] = set()
+        acceptable = True
+        for param in params:
+            key, _, value = param.partition("=")
+            key, value = key.strip().lower(), value.strip().strip('"')
+            if key in seen:
+                acceptable = False
+            seen.add(key)
+            if key in ("server_no_context_takeover", "client_no_context_takeover"):
+                acceptable = acceptable and not value
+            elif key == "client_max_window_bits":
+                # We inflate with a 15-bit window, which reads any smaller one.
+                acceptable = acceptable and (not value or (value.isdigit() and 8 <= int(value) <= 15))
+            elif key == "server_max_window_bits":
+                acceptable = acceptable and value == "15"
+            else:
+                acceptable = False
+        if acceptable:
+            return True
+    return False
 
 
 def _key_is_valid(key: str) -> bool:

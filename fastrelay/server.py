@@ -72,7 +72,7 @@ class RelayProtocol(Connection):
                 result = handshake.refuse("too_many_connections", "shutting down")
             else:
                 self._cancel_timer()
-                self.accept(result.room, result.response, result.consumed)
+                self.accept(result.room, result.response, result.consumed, result.deflate)
                 relay.log.debug("connection %s joined room %s", self.peer, result.room)
                 return
         if isinstance(result, handshake.PlainGet):
@@ -127,6 +127,7 @@ class Relay:
             max_head=cfg.limits.max_request_head,
             max_headers=cfg.limits.max_headers,
             allowed_origins=tuple(cfg.limits.allowed_origins),
+            compression=cfg.relay.compression,
         )
         self.max_connections = cfg.limits.max_connections
         self.demo_page = _demo_page() if cfg.relay.serve_demo else None

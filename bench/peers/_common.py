@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import resource
+import signal
 
 
 def parse_args(description: str) -> argparse.Namespace:
@@ -30,3 +32,13 @@ def announce(host: str, port: int) -> None:
 def room_of(path: str) -> str:
     # The room is the request path without the query string.
     return path.split("?", 1)[0]
+
+
+def stop_on_signal() -> asyncio.Future[None]:
+    """A future that SIGINT or SIGTERM completes: the harness stops a peer
+    with SIGTERM and expects it to close its listener and exit."""
+    loop = asyncio.get_running_loop()
+    stop: asyncio.Future[None] = loop.create_future()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+    return stop

@@ -5,11 +5,8 @@ which skips the per-member str.encode() that send_str() would do.
 """
 from __future__ import annotations
 
-import asyncio
-import signal
-
 import uvloop
-from _common import announce, parse_args, raise_nofile_limit, room_of
+from _common import announce, parse_args, raise_nofile_limit, room_of, stop_on_signal
 from aiohttp import WSMsgType, web
 
 TEXT = WSMsgType.TEXT
@@ -59,10 +56,7 @@ async def main() -> None:
     site = web.TCPSite(runner, args.host, args.port, backlog=1024)
     await site.start()
     port = runner.addresses[0][1]
-    loop = asyncio.get_running_loop()
-    stop = loop.create_future()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+    stop = stop_on_signal()
     announce(args.host, port)
     try:
         await stop

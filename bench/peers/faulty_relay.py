@@ -8,11 +8,9 @@ run to fail verification.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import signal
 
 import uvloop
-from _common import announce, raise_nofile_limit, room_of
+from _common import announce, raise_nofile_limit, room_of, stop_on_signal
 from picows import WSListener, WSMsgType, WSTransport, ws_create_server
 
 rooms: dict[str, dict[WSTransport, None]] = {}
@@ -69,10 +67,7 @@ async def main() -> None:
     args = parser.parse_args()
     fault.update(kind=args.fault, every=args.every)
     raise_nofile_limit()
-    loop = asyncio.get_running_loop()
-    stop = loop.create_future()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+    stop = stop_on_signal()
     server = await ws_create_server(lambda req: FaultyListener(room_of(req.path.decode("latin-1"))),
                                     args.host, args.port, backlog=1024)
     announce(args.host, server.sockets[0].getsockname()[1])

@@ -6,11 +6,8 @@ copies the payload into each transport's own write buffer.
 """
 from __future__ import annotations
 
-import asyncio
-import signal
-
 import uvloop
-from _common import announce, parse_args, raise_nofile_limit, room_of
+from _common import announce, parse_args, raise_nofile_limit, room_of, stop_on_signal
 from picows import WSListener, WSMsgType, WSTransport, ws_create_server
 
 TEXT = WSMsgType.TEXT
@@ -85,10 +82,7 @@ def listener_factory(request) -> RelayListener:
 async def main() -> None:
     args = parse_args(__doc__)
     raise_nofile_limit()
-    loop = asyncio.get_running_loop()
-    stop = loop.create_future()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+    stop = stop_on_signal()
     server = await ws_create_server(listener_factory, args.host, args.port,
                                     backlog=1024)
     port = server.sockets[0].getsockname()[1]

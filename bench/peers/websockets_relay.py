@@ -5,11 +5,8 @@ it writes to every connection synchronously without awaiting each one.
 """
 from __future__ import annotations
 
-import asyncio
-import signal
-
 import uvloop
-from _common import announce, parse_args, raise_nofile_limit, room_of
+from _common import announce, parse_args, raise_nofile_limit, room_of, stop_on_signal
 from websockets.asyncio.server import broadcast, serve
 
 rooms: dict[str, set] = {}
@@ -35,10 +32,7 @@ async def handler(websocket) -> None:
 async def main() -> None:
     args = parse_args(__doc__)
     raise_nofile_limit()
-    loop = asyncio.get_running_loop()
-    stop = loop.create_future()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+    stop = stop_on_signal()
     # compression=None: fastrelay does not compress by default and the load
     # generator does not offer permessage-deflate; keep the comparison even.
     # max_queue is larger than the default 16 so a burst from a sender's

@@ -62,12 +62,19 @@ class build_ext(_build_ext):
         super().run()
 
 
-extension = Extension(
-    "fastrelay._frames",
-    ["fastrelay/_frames.pyx"],
-    extra_compile_args=compile_args,
-    extra_link_args=link_args,
-    define_macros=[("CYTHON_TRACE", "1")] if DEBUG else [],
-)
+def extension(name: str) -> Extension:
+    return Extension(
+        f"fastrelay.{name}",
+        [f"fastrelay/{name}.pyx"],
+        # The .pxd and the .pxi includes are part of the module's source.
+        depends=["fastrelay/_frames.pxd", "fastrelay/_codec.pxi", "fastrelay/_utf8.pxi",
+                 "fastrelay/_grow.pxi"],
+        extra_compile_args=compile_args,
+        extra_link_args=link_args,
+        define_macros=[("CYTHON_TRACE", "1")] if DEBUG else [],
+    )
 
-setup(ext_modules=[extension], cmdclass={"build_ext": build_ext})
+
+# _frames: the relay's hot path. _testing: the same codec (the .pxi files)
+# exposed for tests; nothing in the relay imports it.
+setup(ext_modules=[extension("_frames"), extension("_testing")], cmdclass={"build_ext": build_ext})

@@ -1,0 +1,214 @@
+# The table of contents of the compiled relay (fastrelay/_frames.pyx): the
+# protocol constants shared with Python, and the layout of Room, Hub and
+# Connection, their fields grouped by what they are for.
+
+from cpython.ref cimport PyObject
+from libc.stdint cimport uint8_t, uint32_t
+
+
+# RFC 6455 section 5.2. Python sees IntEnums: fastrelay._frames.Opcode.TEXT.
+cpdef enum Opcode:
+    CONTINUATION = 0x0
+    TEXT = 0x1
+    BINARY = 0x2
+    CLOSE = 0x8
+    PING = 0x9
+    PONG = 0xA
+
+
+# RFC 6455 section 7.4.1: the codes the relay sends or records.
+cpdef enum CloseCode:
+    NORMAL_CLOSURE = 1000
+    GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    NO_STATUS_RECEIVED = 1005      # recorded, never sent (section 7.4.1)
+    ABNORMAL_CLOSURE = 1006        # recorded, never sent (section 7.1.5)
+    INVALID_PAYLOAD_DATA = 1007
+    POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+
+
+cpdef enum State:
+    HANDSHAKE = 0   # reading the HTTP upgrade request
+    OPEN = 1        # relaying
+    CLOSING = 2     # we sent a close frame and wait for the peer's
+    CLOSED = 3      # nothing more is read or written
+
+
+cdef struct Slice:
+    # A run of bytes in the hub's arena; offsets survive the arena moving.
+    size_t offset
+    size_t length
+
+
+cdef struct Inbox:
+    # Bytes read but not parsed yet: the request head, or an unfinished
+    # frame. Complete frames are parsed where they were read (the hub's
+    # shared buffer) and never copied here.
+    char *data
+    size_t len
+    size_t cap
+    size_t need                    # size of the frame being waited for
+    Py_ssize_t shared_offset       # where the last read went in the shared buffer; -1: data
+    Py_ssize_t scan_from           # handshake: where the search for the head's end resumes
+
+
+cdef struct Message:
+    # The message being reassembled from fragments (section 5.4).
+    uint8_t opcode                 # 0: none in progress
+    bint compressed                # its first frame had RSV1 (RFC 7692)
+    uint32_t utf8_state            # validator state across fragments
+    char *data
+    size_t len
+    size_t cap
+
+
+cdef struct Outbox:
+    # What this loop turn writes to the connection: slices of the arena.
+    Slice *slices
+    Py_ssize_t count
+    size_t cap
+    bint dirty                     # in the hub's dirty list
+    bint close_after_flush         # close the transport once written
+    bint via_transport             # the transport still holds bytes of ours
+    Py_ssize_t backlog             # bytes in the transport's buffer, last seen
+
+
+cdef struct RateWindow:
+    # Messages counted in the hub's current one-second window.
+    unsigned long long epoch
+    Py_ssize_t count
+
+
+cdef struct Registry:
+    # Connections in a C array; each knows its index, so removal swaps the
+    # last one in (O(1)). Every entry holds a reference.
+    PyObject **items
+    Py_ssize_t count
+    size_t cap
+
+
+cdef class Room:
+    cdef readonly str name
+    cdef Registry members
+    cdef Py_ssize_t deflate_members    # how many negotiated permessage-deflate
+
+    cdef int add(self, Connection c) except -1
+    cdef void remove(self, Connection c) noexcept
+
+
+cdef class Hub:
+    # Settings.
+    cdef object loop
+    cdef readonly object gate          # decides on upgrade requests (upgrade.Gate)
+    cdef public object close_log       # None, or called with (conn, code, reason, by_peer)
+    cdef readonly bint echo
+    cdef readonly Py_ssize_t max_message_size
+    cdef readonly Py_ssize_t max_backlog
+    cdef readonly bint drop_slow
+    cdef readonly Py_ssize_t max_rate
+    cdef readonly double handshake_timeout
+    cdef readonly double close_timeout
+    cdef readonly double ping_interval
+    cdef readonly double ping_timeout
+
+    # Every connection (for the sweep and the shutdown), and rooms by name.
+    cdef Registry clients
+    cdef public object all_gone        # None, or an Event set when no client is left
+    cdef readonly dict rooms
+
+    # Time as of the last sweep: nothing per message or per connection reads
+    # a clock.
+    cdef readonly double now
+    cdef unsigned long long epoch      # rate-limit window number
+    cdef double next_epoch
+    cdef double next_ping
+    cdef double reap_at
+
+    # Output of this turn: the arena of encoded frames, and who has slices
+    # of it (each dirty entry holds a reference until the flush).
+    cdef char *arena
+    cdef size_t arena_len
+    cdef size_t arena_cap
+    cdef Registry dirty
+    cdef object flush_callback
+
+    # One read buffer shared by all connections.
+    cdef char *shared_read
+    cdef object shared_view
+
+    # Counters, read at scrape time by counters().
+    cdef readonly unsigned long long messages
+    cdef readonly unsigned long long deliveries
+    cdef readonly unsigned long long bytes_received
+    cdef readonly unsigned long long bytes_sent
+    cdef readonly unsigned long long connections_total
+    cdef readonly unsigned long long disconnections_total
+    cdef readonly long long connected
+    cdef readonly unsigned long long protocol_errors
+    cdef readonly unsigned long long slow_disconnects
+    cdef readonly unsigned long long slow_drops
+    cdef readonly dict closes
+
+    cdef int count_close(self, int code) except -1
+    cdef size_t arena_reserve(self, size_t n) except? 0
+    cdef size_t encode(self, uint8_t first, const char *payload, size_t n,
+                       size_t *length) except? 0
+    cdef size_t encode_compressed(self, uint8_t opcode, const char *payload, size_t n,
+                                  size_t *length) except? 0
+    cdef int mark_dirty(self, Connection c) except -1
+    cdef int broadcast(self, Connection sender, uint8_t opcode,
+                       const char *payload, size_t n) except -1
+    cdef int expire(self, double now) except -1
+    cdef int keepalive(self, double now) except -1
+    cdef void shrink_arena(self) noexcept
+
+
+cdef class Connection:
+    # Place.
+    cdef readonly Hub hub
+    cdef readonly Room room
+    cdef Py_ssize_t room_index
+    cdef Py_ssize_t client_index
+    cdef readonly object transport
+    cdef int fd                        # the socket, or -1 once closed
+    cdef bint direct                   # plain TCP: sendmsg on fd; else the transport (TLS)
+
+    # Lifecycle.
+    cdef readonly State state
+    cdef readonly bint deflate         # permessage-deflate negotiated
+    cdef readonly int close_code       # what was sent or received, for logs
+    cdef readonly double deadline      # handshake or close deadline; 0: none
+    cdef readonly bint ping_outstanding
+
+    # Input, the message being reassembled, output, and the rate window.
+    cdef Inbox inbox
+    cdef Message message
+    cdef Outbox out
+    cdef RateWindow rate
+
+    cdef int handshake_step(self) except -1
+    cdef int open(self, str room_name, bytes response, Py_ssize_t consumed,
+                  bint deflate) except -1
+    cdef int respond_and_close(self, bytes response) except -1
+    cdef size_t parse(self, char *data, size_t total) except? 0
+    cdef int relay_compressed(self, const char *payload, size_t n) except -1
+    cdef bint over_rate(self) noexcept
+    cdef int keep_rest(self, char *data, size_t total, size_t used) except -1
+    cdef int append_fragment(self, const uint8_t *payload, size_t n) except -1
+    cdef void release_fragments(self) noexcept
+    cdef int on_close_frame(self, const uint8_t *payload, size_t n) except -1
+    cdef int fail(self, int code, const char *reason) except -1
+    cdef int start_close(self, int code, str reason) except -1
+    cdef int closed(self, int code, str reason, bint by_peer) except -1
+    cdef int leave_room(self) except -1
+    cdef int send_control(self, uint8_t opcode, const char *payload, size_t n) except -1
+    cdef int send_raw(self, const char *data, size_t n) except -1
+    cdef int append_slice(self, size_t offset, size_t n) except -1
+    cdef bint refresh_backlog(self) except -1
+    cdef int write_pending(self) except -1
+    cdef int queue_rest(self, Py_ssize_t first, size_t skip) except -1
+    cdef int drop_broken(self) except -1
+    cdef int slow_client(self) except -1
+    cdef int close_transport(self) except -1

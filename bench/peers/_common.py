@@ -1,4 +1,5 @@
 """Command line and readiness line shared by the peer relays."""
+
 from __future__ import annotations
 
 import argparse

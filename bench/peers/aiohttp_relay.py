@@ -3,6 +3,7 @@
 Each message is encoded once and written to every member with send_frame(),
 which skips the per-member str.encode() that send_str() would do.
 """
+
 from __future__ import annotations
 
 import uvloop

@@ -5,6 +5,7 @@ members) is dropped, duplicated or corrupted, as chosen on the command line.
 `python bench/selfcheck.py` runs the benchmark against it and expects the
 run to fail verification.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,14 +63,19 @@ async def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--fault", choices=("drop", "duplicate", "corrupt"), default="drop")
-    parser.add_argument("--every", type=int, default=1000,
-                        help="the fault hits every Nth delivery (0: never)")
+    parser.add_argument(
+        "--every", type=int, default=1000, help="the fault hits every Nth delivery (0: never)"
+    )
     args = parser.parse_args()
     fault.update(kind=args.fault, every=args.every)
     raise_nofile_limit()
     stop = stop_on_signal()
-    server = await ws_create_server(lambda req: FaultyListener(room_of(req.path.decode("latin-1"))),
-                                    args.host, args.port, backlog=1024)
+    server = await ws_create_server(
+        lambda req: FaultyListener(room_of(req.path.decode("latin-1"))),
+        args.host,
+        args.port,
+        backlog=1024,
+    )
     announce(args.host, server.sockets[0].getsockname()[1])
     try:
         await stop

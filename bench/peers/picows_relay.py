@@ -4,6 +4,7 @@ picows hands every frame to a listener callback; for each complete data
 message the relay loops over the room's transports and calls send(), which
 copies the payload into each transport's own write buffer.
 """
+
 from __future__ import annotations
 
 import uvloop
@@ -83,8 +84,7 @@ async def main() -> None:
     args = parse_args(__doc__)
     raise_nofile_limit()
     stop = stop_on_signal()
-    server = await ws_create_server(listener_factory, args.host, args.port,
-                                    backlog=1024)
+    server = await ws_create_server(listener_factory, args.host, args.port, backlog=1024)
     port = server.sockets[0].getsockname()[1]
     announce(args.host, port)
     try:

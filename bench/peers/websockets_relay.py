@@ -3,6 +3,7 @@
 Uses `websockets.broadcast()`, the library's recommended fan-out primitive:
 it writes to every connection synchronously without awaiting each one.
 """
+
 from __future__ import annotations
 
 import uvloop
@@ -37,8 +38,9 @@ async def main() -> None:
     # generator does not offer permessage-deflate; keep the comparison even.
     # max_queue is larger than the default 16 so a burst from a sender's
     # in-flight window does not stall reading every 16 messages.
-    async with serve(handler, args.host, args.port, compression=None,
-                     max_queue=1024, backlog=1024) as server:
+    async with serve(
+        handler, args.host, args.port, compression=None, max_queue=1024, backlog=1024
+    ) as server:
         port = server.sockets[0].getsockname()[1]
         announce(args.host, port)
         await stop

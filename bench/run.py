@@ -36,7 +36,7 @@ from bench import report, wire  # noqa: E402
 from bench.servers import BUILTIN, ROOT, ServerError, ServerProcess, ServerSpec, fastrelay_available  # noqa: E402
 from bench.workloads import RUNNERS, Settings, default_workloads, latency_workload  # noqa: E402
 
-DEFAULT_SERVERS = ["fastrelay", "websockets", "picows", "aiohttp"]
+DEFAULT_SERVERS = ["fastrelay", "batched", "websockets", "picows", "aiohttp"]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -68,6 +68,8 @@ class ServerSpec:
 
 BUILTIN = {
     "fastrelay": ServerSpec("fastrelay", "fastrelay"),
+    # The control: fastrelay's batching in Python (see peers/batched_relay.py).
+    "batched": ServerSpec("batched", "peer", "batched_relay.py"),
     "websockets": ServerSpec("websockets", "peer", "websockets_relay.py"),
     "picows": ServerSpec("picows", "peer", "picows_relay.py"),
     "aiohttp": ServerSpec("aiohttp", "peer", "aiohttp_relay.py"),

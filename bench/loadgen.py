@@ -26,6 +26,7 @@ Flow control is two-level:
   fell behind would make servers buffer without bound (and trip their
   slow-client policies), measuring the client instead of the server.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -41,9 +42,9 @@ from typing import Callable, Optional
 from . import wire
 from .wire import BLOCK, CFRAME, FRAME, FrameFactory, RefStream, StreamVerifier
 
-VERIFY_AT = 96 * 1024    # bytes buffered by a client before a bulk check
-BUF_SIZE = 128 * 1024    # per-client receive buffer (fixed, never resized)
-SMALL_BUF = 8 * 1024     # for idle clients that receive almost nothing
+VERIFY_AT = 96 * 1024  # bytes buffered by a client before a bulk check
+BUF_SIZE = 128 * 1024  # per-client receive buffer (fixed, never resized)
+SMALL_BUF = 8 * 1024  # for idle clients that receive almost nothing
 INF = 1 << 62
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -55,10 +56,11 @@ class HandshakeError(Exception):
 def upgrade_request(host: str, port: int, path: str) -> tuple[bytes, bytes]:
     key = base64.b64encode(os.urandom(16))
     accept = base64.b64encode(hashlib.sha1(key + GUID).digest())
-    req = (b"GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\n"
-           b"Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\n"
-           b"Sec-WebSocket-Version: 13\r\n\r\n"
-           % (path.encode(), host.encode(), port, key))
+    req = (
+        b"GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\n" % (path.encode(), host.encode(), port, key)
+    )
     return req, accept
 
 
@@ -70,9 +72,9 @@ class Room:
         self.lag_limit = lag_limit
         self.members: list[Member] = []
         self.senders: list[Sender] = []
-        self.sent_total = 0     # messages sent into the room by all senders
-        self.floor = 0          # frames every member is known to have had
-        self.waiting = False    # senders paused for laggards
+        self.sent_total = 0  # messages sent into the room by all senders
+        self.floor = 0  # frames every member is known to have had
+        self.waiting = False  # senders paused for laggards
         self.wait_target = 0
         self.pending = 0
         self.draining = False
@@ -215,8 +217,14 @@ class Pacer:
 class Member:
     """A client in a room that receives and verifies every message."""
 
-    def __init__(self, room: Room, senders: list[int], latency: bool = False,
-                 buf_size: int = BUF_SIZE, stamped: Optional[bool] = None) -> None:
+    def __init__(
+        self,
+        room: Room,
+        senders: list[int],
+        latency: bool = False,
+        buf_size: int = BUF_SIZE,
+        stamped: Optional[bool] = None,
+    ) -> None:
         self.room = room
         self.sock: Optional[socket.socket] = None
         self.fd = -1
@@ -226,16 +234,19 @@ class Member:
         self.closing = False
         self.error: Optional[str] = None
         self.buf_size = buf_size
-        self.buf: Optional[bytearray] = None   # allocated on first data
+        self.buf: Optional[bytearray] = None  # allocated on first data
         self.view: Optional[memoryview] = None
-        self.w = 0              # bytes in buf
-        self.nbytes = 0         # bytes received after the handshake
-        self.base = 0           # stream offset of buf[0]
-        self.watch = INF        # nbytes threshold that calls room.reached()
+        self.w = 0  # bytes in buf
+        self.nbytes = 0  # bytes received after the handshake
+        self.base = 0  # stream offset of buf[0]
+        self.watch = INF  # nbytes threshold that calls room.reached()
         stamped = latency if stamped is None else stamped
         self.verifier = StreamVerifier(
-            senders, latency, ref=None if latency else room.shared_stream(senders, stamped),
-            stamped=stamped)
+            senders,
+            latency,
+            ref=None if latency else room.shared_stream(senders, stamped),
+            stamped=stamped,
+        )
         self.marks: Optional[list] = [] if latency else None
         self.mask = wire.new_mask()
         self.out: list[bytes] = []
@@ -260,7 +271,7 @@ class Member:
         self.sock = sock
         self.fd = sock.fileno()
         self.closed = asyncio.get_running_loop().create_future()
-        rest = head[end + 4:]
+        rest = head[end + 4 :]
         if rest:  # frames may follow the 101 response in the same read
             self._ingest(rest)
 
@@ -293,7 +304,7 @@ class Member:
             self._ensure_buf()
         if self.w + len(data) > self.buf_size:
             self.flush()
-        self.buf[self.w:self.w + len(data)] = data
+        self.buf[self.w : self.w + len(data)] = data
         self.w += len(data)
         self._received(len(data))
 
@@ -308,11 +319,11 @@ class Member:
             if free < 8192:
                 self.flush()
                 free = self.buf_size - self.w
-                if free < 8192:   # verification stopped consuming (error)
+                if free < 8192:  # verification stopped consuming (error)
                     self.w = 0
                     free = self.buf_size
             try:
-                n = self.sock.recv_into(self.view[self.w:], free)
+                n = self.sock.recv_into(self.view[self.w :], free)
             except BlockingIOError:
                 return total
             except OSError as exc:
@@ -368,7 +379,7 @@ class Member:
     def _consume(self, nbytes: int) -> None:
         rest = self.w - nbytes
         if rest:
-            self.buf[:rest] = self.buf[nbytes:self.w]
+            self.buf[:rest] = self.buf[nbytes : self.w]
         self.w = rest
         self.base += nbytes
         marks = self.marks
@@ -391,11 +402,11 @@ class Member:
             return False
         op, ln = buf[0], buf[1]
         if ln & 0x80 or ln > 125 or op not in (0x88, 0x89, 0x8A):
-            self.verifier._fail("unexpected frame header %r" % bytes(buf[:min(w, 8)]))
+            self.verifier._fail("unexpected frame header %r" % bytes(buf[: min(w, 8)]))
             return False
         if w < 2 + ln:
             return False
-        body = bytes(buf[2:2 + ln])
+        body = bytes(buf[2 : 2 + ln])
         self._consume(2 + ln)
         if op == 0x89:  # ping -> masked pong with the same payload
             self.pings += 1
@@ -482,9 +493,16 @@ class Member:
 class Sender(Member):
     """A member that also sends; window-bounded by its own echoes."""
 
-    def __init__(self, room: Room, senders: list[int], sid: int, window: int,
-                 latency: bool = False, buf_size: int = BUF_SIZE) -> None:
-        self.sid = sid          # before Member.__init__, which joins the room
+    def __init__(
+        self,
+        room: Room,
+        senders: list[int],
+        sid: int,
+        window: int,
+        latency: bool = False,
+        buf_size: int = BUF_SIZE,
+    ) -> None:
+        self.sid = sid  # before Member.__init__, which joins the room
         super().__init__(room, senders, latency, buf_size)
         self.marker = wire.sender_marker(sid)
         self.scan = 0
@@ -493,7 +511,7 @@ class Sender(Member):
         self.window = window
         self.refill_min = max(1, window // 4)
         self.running = False
-        self.limit = INF        # stop sending at this many messages
+        self.limit = INF  # stop sending at this many messages
         self.at_limit: Optional[asyncio.Future] = None
         self.factory: Optional[FrameFactory] = None
         self.block = memoryview(b"")
@@ -511,9 +529,11 @@ class Sender(Member):
             end = scan + (w - scan) // FRAME * FRAME
             if end > scan:
                 cnt = (end - scan) // FRAME
-                if (buf[scan:end:FRAME].count(0x81) == cnt
-                        and buf[scan + 1:end:FRAME].count(0x40) == cnt):
-                    self.echoed += buf[scan + 7:end:FRAME].count(self.last_digit)
+                if (
+                    buf[scan:end:FRAME].count(0x81) == cnt
+                    and buf[scan + 1 : end : FRAME].count(0x40) == cnt
+                ):
+                    self.echoed += buf[scan + 7 : end : FRAME].count(self.last_digit)
                     self.scan = end
                 else:
                     # A control frame broke the 66-byte grid: search for
@@ -533,8 +553,12 @@ class Sender(Member):
 
     def flush(self) -> None:
         super().flush()
-        if (not self.aligned and self.w < FRAME and (not self.w or self.buf[0] == 0x81)
-                and self.verifier.error is None):
+        if (
+            not self.aligned
+            and self.w < FRAME
+            and (not self.w or self.buf[0] == 0x81)
+            and self.verifier.error is None
+        ):
             # Back on the grid with no complete frame left unverified: the
             # verified stream says exactly how many of our messages came back.
             # (Exact unless the server lost some of them, and then the
@@ -577,7 +601,7 @@ class Sender(Member):
                 self.block_seq0 = seq - seq % BLOCK
             off = seq - self.block_seq0
             take = min(left, BLOCK - off)
-            parts.append(self.block[off * CFRAME:(off + take) * CFRAME])
+            parts.append(self.block[off * CFRAME : (off + take) * CFRAME])
             seq += take
             left -= take
         data = parts[0] if len(parts) == 1 else b"".join(parts)
@@ -626,9 +650,9 @@ class SpotCheck:
         self.first: dict[int, int] = {}
         self.next_seq: dict[int, int] = {}
         self.count = 0
-        self.final: dict[int, int] = {}     # sender -> messages it sent in all
+        self.final: dict[int, int] = {}  # sender -> messages it sent in all
         self.joined: dict[int, int] = {}
-        self.complete = 0                   # senders whose last message arrived
+        self.complete = 0  # senders whose last message arrived
         self.error: Optional[str] = None
         self.ws = None
         self.task: Optional[asyncio.Task] = None
@@ -636,10 +660,17 @@ class SpotCheck:
 
     async def connect(self) -> None:
         from websockets.asyncio.client import connect
+
         # max_queue=None: the client buffers instead of pausing reads, so a
         # slow spot check never pushes back on the server under test.
-        self.ws = await connect(self.url, compression=None, max_queue=None,
-                                ping_interval=None, open_timeout=30, max_size=1 << 20)
+        self.ws = await connect(
+            self.url,
+            compression=None,
+            max_queue=None,
+            ping_interval=None,
+            open_timeout=30,
+            max_size=1 << 20,
+        )
         self.done = asyncio.get_running_loop().create_future()
         self.task = asyncio.ensure_future(self._read())
 
@@ -649,8 +680,8 @@ class SpotCheck:
                 if not isinstance(msg, str) or len(msg) != wire.PAYLOAD:
                     self._fail("unexpected message %r" % (msg[:24],))
                     return
-                sid = int(msg[:wire.SID_W])
-                seq = int(msg[wire.SEQ_OFF:wire.SEQ_OFF + wire.SEQ_W])
+                sid = int(msg[: wire.SID_W])
+                seq = int(msg[wire.SEQ_OFF : wire.SEQ_OFF + wire.SEQ_W])
                 if sid not in self.senders:
                     self._fail("message from sender %d, not in this room" % sid)
                     return
@@ -693,8 +724,10 @@ class SpotCheck:
             if s not in self.first:
                 self._fail("sender %d: none of its messages after the join arrived" % s)
             elif self.first[s] > self.joined[s]:
-                self._fail("sender %d: messages %d..%d missing after the join"
-                           % (s, self.joined[s], self.first[s] - 1))
+                self._fail(
+                    "sender %d: messages %d..%d missing after the join"
+                    % (s, self.joined[s], self.first[s] - 1)
+                )
             elif self.next_seq[s] != last:
                 self._fail("sender %d: got up to %d of %d" % (s, self.next_seq[s], last))
 
@@ -736,8 +769,9 @@ class Connector:
         self.result: Optional[asyncio.Future] = None
         self.progress: Optional[Callable[[int], None]] = None
 
-    async def run(self, members: list[Member],
-                  progress: Optional[Callable[[int], None]] = None) -> tuple[float, float]:
+    async def run(
+        self, members: list[Member], progress: Optional[Callable[[int], None]] = None
+    ) -> tuple[float, float]:
         self.members, self.next, self.done = members, 0, 0
         self.progress = progress
         self.result = self.loop.create_future()
@@ -790,7 +824,7 @@ class Connector:
                 continue
             m, sock, request, accept, head = st
             try:
-                if request is not None:         # connect finished
+                if request is not None:  # connect finished
                     err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                     if err:
                         raise OSError(err, "connect: %s" % os.strerror(err))
@@ -826,9 +860,14 @@ class Connector:
             self._start_one()
 
 
-async def connect_members(host: str, port: int, members: list[Member], concurrency: int,
-                          timeout: float,
-                          progress: Optional[Callable[[int], None]] = None) -> tuple[float, float]:
+async def connect_members(
+    host: str,
+    port: int,
+    members: list[Member],
+    concurrency: int,
+    timeout: float,
+    progress: Optional[Callable[[int], None]] = None,
+) -> tuple[float, float]:
     """Open every member's connection; returns (start, end) times."""
     conn = Connector(host, port, concurrency)
     try:
@@ -843,8 +882,7 @@ async def close_members(members: list[Member], timeout: float = 5.0) -> None:
     try:
         for m in members:
             m.close()
-        pending = [m.closed for m in members
-                   if m.closed is not None and not m.closed.done()]
+        pending = [m.closed for m in members if m.closed is not None and not m.closed.done()]
         if pending:
             await asyncio.wait(pending, timeout=timeout)
     finally:

@@ -1,4 +1,5 @@
 """Summaries, the results table, and machine facts for the report."""
+
 from __future__ import annotations
 
 import math
@@ -44,12 +45,26 @@ def summarise(runs: list[dict], workloads: list, servers: list[str]) -> list[dic
             if not rs:
                 continue
             done = [r for r in rs if "value" in r]
-            row = dict(workload=w.key, kind=w.kind, label=w.label, server=name,
-                       reps=len(rs), ok=all(r.get("ok") for r in rs),
-                       loss=sum(r.get("loss", 0) for r in rs),
-                       errors=[e for r in rs for e in r.get("errors", [])][:5])
-            for key in ("value", "client_cpu", "server_cpu", "other_cpu", "p50_ms", "p99_ms",
-                        "max_ms", "rss_per_conn"):
+            row = dict(
+                workload=w.key,
+                kind=w.kind,
+                label=w.label,
+                server=name,
+                reps=len(rs),
+                ok=all(r.get("ok") for r in rs),
+                loss=sum(r.get("loss", 0) for r in rs),
+                errors=[e for r in rs for e in r.get("errors", [])][:5],
+            )
+            for key in (
+                "value",
+                "client_cpu",
+                "server_cpu",
+                "other_cpu",
+                "p50_ms",
+                "p99_ms",
+                "max_ms",
+                "rss_per_conn",
+            ):
                 st = _stats([r.get(key) for r in done])
                 if st is not None:
                     row[key] = st
@@ -60,8 +75,12 @@ def summarise(runs: list[dict], workloads: list, servers: list[str]) -> list[dic
         if ref is None or "value" not in row or ref["value"]["median"] == 0:
             continue
         row["vs_fastrelay"] = row["value"]["median"] / ref["value"]["median"]
-        if row["kind"] == "connections" and "rss_per_conn" in row and "rss_per_conn" in ref \
-                and ref["rss_per_conn"]["median"]:
+        if (
+            row["kind"] == "connections"
+            and "rss_per_conn" in row
+            and "rss_per_conn" in ref
+            and ref["rss_per_conn"]["median"]
+        ):
             row["rss_vs_fastrelay"] = row["rss_per_conn"]["median"] / ref["rss_per_conn"]["median"]
     return out
 
@@ -74,19 +93,32 @@ def _result_cells(row: dict) -> tuple[str, str, str]:
     ratio = row.get("vs_fastrelay")
     kind = row["kind"]
     if kind in ("fanout", "rooms"):
-        return (si(v["median"], "/s"), "%s – %s" % (si(v["min"]), si(v["max"])),
-                "-" if ratio is None else times(ratio))
+        return (
+            si(v["median"], "/s"),
+            "%s – %s" % (si(v["min"]), si(v["max"])),
+            "-" if ratio is None else times(ratio),
+        )
     if kind == "latency":
         p50, mx = row.get("p50_ms", {}), row.get("max_ms", {})
-        res = "p50 %s / p99 %s / max %s ms" % (ms(p50.get("median")), ms(v["median"]),
-                                               ms(mx.get("median")))
+        res = "p50 %s / p99 %s / max %s ms" % (
+            ms(p50.get("median")),
+            ms(v["median"]),
+            ms(mx.get("median")),
+        )
         # For latency the ratio is of p99: below 1 means lower (better).
-        return (res, "p99 %s – %s" % (ms(v["min"]), ms(v["max"])),
-                "-" if ratio is None else "p99 " + times(ratio))
+        return (
+            res,
+            "p99 %s – %s" % (ms(v["min"]), ms(v["max"])),
+            "-" if ratio is None else "p99 " + times(ratio),
+        )
     rss = row.get("rss_per_conn")
     res = "%s handshakes/s, %s/conn" % (si(v["median"]), kib(rss and rss["median"]))
     rr = row.get("rss_vs_fastrelay")
-    vs = "-" if ratio is None else "%s%s" % (times(ratio), "" if rr is None else ", RSS " + times(rr))
+    vs = (
+        "-"
+        if ratio is None
+        else "%s%s" % (times(ratio), "" if rr is None else ", RSS " + times(rr))
+    )
     return res, "%s – %s" % (si(v["min"]), si(v["max"])), vs
 
 
@@ -104,16 +136,34 @@ def kib(x: Optional[float]) -> str:
 
 
 def table(summary: list[dict]) -> str:
-    head = ["workload", "server", "result (median)", "min – max", "vs fastrelay",
-            "client CPU", "server CPU", "other CPU", "verified"]
+    head = [
+        "workload",
+        "server",
+        "result (median)",
+        "min – max",
+        "vs fastrelay",
+        "client CPU",
+        "server CPU",
+        "other CPU",
+        "verified",
+    ]
     rows = []
     for row in summary:
         res, rng, vs = _result_cells(row)
         verified = "ok" if row["ok"] else ("LOSS %d" % row["loss"] if row["loss"] else "FAILED")
-        rows.append([row["label"], row["server"], res, rng, vs,
-                     pct(row.get("client_cpu", {}).get("median")),
-                     pct(row.get("server_cpu", {}).get("median")),
-                     pct(row.get("other_cpu", {}).get("max")), verified])
+        rows.append(
+            [
+                row["label"],
+                row["server"],
+                res,
+                rng,
+                vs,
+                pct(row.get("client_cpu", {}).get("median")),
+                pct(row.get("server_cpu", {}).get("median")),
+                pct(row.get("other_cpu", {}).get("max")),
+                verified,
+            ]
+        )
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
 
     def line(cells: list) -> str:
@@ -143,6 +193,7 @@ def machine() -> dict:
             versions[mod] = None
     try:
         from fastrelay._version import __version__ as frv
+
         versions["fastrelay"] = frv
     except Exception:  # noqa: BLE001
         versions["fastrelay"] = None
@@ -150,6 +201,12 @@ def machine() -> dict:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
         mem = None
-    return dict(cpu=cpu, cores=os.cpu_count(), memory_bytes=mem,
-                kernel=platform.release(), system=platform.system(),
-                python=platform.python_version(), versions=versions)
+    return dict(
+        cpu=cpu,
+        cores=os.cpu_count(),
+        memory_bytes=mem,
+        kernel=platform.release(),
+        system=platform.system(),
+        python=platform.python_version(),
+        versions=versions,
+    )

@@ -9,6 +9,7 @@ and stops the server. Servers are interleaved within each repetition.
 Exit status: 0 if every run ran and verified, 1 otherwise, 2 on bad usage.
 See bench/README.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,49 +36,102 @@ from bench import report, wire  # noqa: E402
 from bench.servers import BUILTIN, ROOT, ServerError, ServerProcess, ServerSpec, fastrelay_available  # noqa: E402
 from bench.workloads import RUNNERS, Settings, default_workloads, latency_workload  # noqa: E402
 
-DEFAULT_SERVERS = ["fastrelay", "websockets", "picows", "aiohttp"]
+DEFAULT_SERVERS = ["fastrelay", "batched", "websockets", "picows", "aiohttp"]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python bench/run.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help="smoke mode: tiny counts, 1 repetition, well under a minute")
-    p.add_argument("--servers", default=None,
-                   help="comma-separated, from: %s and --server-cmd names (default: all)"
-                   % ",".join(DEFAULT_SERVERS))
-    p.add_argument("--server-cmd", action="append", default=[], metavar="NAME='CMD {port}'",
-                   help="extra server as a command template; {port} is replaced by a free "
-                        "port; it must print 'listening on ws://HOST:PORT/' when ready")
-    p.add_argument("--workloads", default=None,
-                   help="comma-separated kinds: fanout,latency,rooms,connections (default: all)")
+    p = argparse.ArgumentParser(
+        prog="python bench/run.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke mode: tiny counts, 1 repetition, well under a minute",
+    )
+    p.add_argument(
+        "--servers",
+        default=None,
+        help="comma-separated, from: %s and --server-cmd names (default: all)"
+        % ",".join(DEFAULT_SERVERS),
+    )
+    p.add_argument(
+        "--server-cmd",
+        action="append",
+        default=[],
+        metavar="NAME='CMD {port}'",
+        help="extra server as a command template; {port} is replaced by a free "
+        "port; it must print 'listening on ws://HOST:PORT/' when ready",
+    )
+    p.add_argument(
+        "--workloads",
+        default=None,
+        help="comma-separated kinds: fanout,latency,rooms,connections (default: all)",
+    )
     p.add_argument("--reps", type=int, default=None, help="repetitions (default 3, quick 1)")
-    p.add_argument("--duration", type=float, default=None,
-                   help="measured seconds per run (default 3, quick 0.5)")
-    p.add_argument("--warmup", type=float, default=None,
-                   help="seconds of load before measuring (default 1, quick 0.2)")
-    p.add_argument("--window", type=int, default=None,
-                   help="most un-echoed messages per sender, fan-out (default 1024; the "
-                        "window adapts below it, see WindowControl)")
-    p.add_argument("--window-rooms", type=int, default=None,
-                   help="same for the many-small-rooms workload (default 256)")
-    p.add_argument("--queue-ms", type=float, default=None,
-                   help="queued work a sender's window allows beyond its round trip "
-                        "(default 50 for fan-out, 200 for small rooms)")
-    p.add_argument("--lag-limit", type=int, default=0,
-                   help="max messages the slowest member of a room may trail by "
-                        "(default: derived from window and senders)")
-    p.add_argument("--rate", default=None,
-                   help="latency workload offered msg/s, comma-separated (default 1000,2000)")
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="measured seconds per run (default 3, quick 0.5)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=float,
+        default=None,
+        help="seconds of load before measuring (default 1, quick 0.2)",
+    )
+    p.add_argument(
+        "--window",
+        type=int,
+        default=None,
+        help="most un-echoed messages per sender, fan-out (default 1024; the "
+        "window adapts below it, see WindowControl)",
+    )
+    p.add_argument(
+        "--window-rooms",
+        type=int,
+        default=None,
+        help="same for the many-small-rooms workload (default 256)",
+    )
+    p.add_argument(
+        "--queue-ms",
+        type=float,
+        default=None,
+        help="queued work a sender's window allows beyond its round trip "
+        "(default 50 for fan-out, 200 for small rooms)",
+    )
+    p.add_argument(
+        "--lag-limit",
+        type=int,
+        default=0,
+        help="max messages the slowest member of a room may trail by "
+        "(default: derived from window and senders)",
+    )
+    p.add_argument(
+        "--rate",
+        default=None,
+        help="latency workload offered msg/s, comma-separated (default 1000,2000)",
+    )
     p.add_argument("--connections", type=int, default=None, help="idle connections workload size")
-    p.add_argument("--no-spot-check", action="store_true",
-                   help="skip the extra websockets client that cross-checks each run")
+    p.add_argument(
+        "--no-spot-check",
+        action="store_true",
+        help="skip the extra websockets client that cross-checks each run",
+    )
     p.add_argument("--no-pin", action="store_true", help="do not pin server and load generator")
-    p.add_argument("--json", default=None,
-                   help="JSON output (default bench/results/latest.json, quick: quick.json)")
-    p.add_argument("--markdown", default=None,
-                   help="write the table with machine, command and date here "
-                        "(default bench/RESULTS.md for full runs, none for --quick)")
+    p.add_argument(
+        "--json",
+        default=None,
+        help="JSON output (default bench/results/latest.json, quick: quick.json)",
+    )
+    p.add_argument(
+        "--markdown",
+        default=None,
+        help="write the table with machine, command and date here "
+        "(default bench/RESULTS.md for full runs, none for --quick)",
+    )
     return p.parse_args(argv)
 
 
@@ -103,7 +157,9 @@ def build_servers(args: argparse.Namespace) -> list[ServerSpec]:
         explicit = False
     unknown = [n for n in names if n not in specs]
     if unknown:
-        raise SystemExit("unknown server(s): %s (known: %s)" % (", ".join(unknown), ", ".join(specs)))
+        raise SystemExit(
+            "unknown server(s): %s (known: %s)" % (", ".join(unknown), ", ".join(specs))
+        )
     if "fastrelay" in names:
         why = fastrelay_available()
         if why is not None:
@@ -116,11 +172,15 @@ def build_servers(args: argparse.Namespace) -> list[ServerSpec]:
 
 def settings(args: argparse.Namespace) -> tuple[Settings, int]:
     q = args.quick
-    s = Settings(duration=args.duration if args.duration is not None else (0.5 if q else 3.0),
-                 warmup=args.warmup if args.warmup is not None else (0.2 if q else 1.0),
-                 window=args.window or 1024, window_rooms=args.window_rooms or 256,
-                 lag_limit=args.lag_limit, spot_check=not args.no_spot_check,
-                 drain_timeout=10.0 if q else 30.0)
+    s = Settings(
+        duration=args.duration if args.duration is not None else (0.5 if q else 3.0),
+        warmup=args.warmup if args.warmup is not None else (0.2 if q else 1.0),
+        window=args.window or 1024,
+        window_rooms=args.window_rooms or 256,
+        lag_limit=args.lag_limit,
+        spot_check=not args.no_spot_check,
+        drain_timeout=10.0 if q else 30.0,
+    )
     if args.queue_ms is not None:
         s.queue_fanout = s.queue_rooms = args.queue_ms / 1000.0
     reps = args.reps if args.reps is not None else (1 if q else 3)
@@ -150,8 +210,9 @@ def pick_workloads(args: argparse.Namespace) -> list:
         kinds = {k.strip() for k in args.workloads.split(",") if k.strip()}
         bad = kinds - set(RUNNERS)
         if bad:
-            raise SystemExit("unknown workload(s): %s (known: %s)" % (", ".join(sorted(bad)),
-                                                                       ", ".join(RUNNERS)))
+            raise SystemExit(
+                "unknown workload(s): %s (known: %s)" % (", ".join(sorted(bad)), ", ".join(RUNNERS))
+            )
         ws = [w for w in ws if w.kind in kinds]
     return ws
 
@@ -164,8 +225,11 @@ def pin() -> tuple[int | None, int | None, str]:
         return None, None, "no pinning (only CPU %s available)" % cpus
     server_cpu, client_cpu = cpus[0], cpus[1]
     os.sched_setaffinity(0, {client_cpu})
-    return server_cpu, client_cpu, "server pinned to CPU %d, load generator to CPU %d" % (
-        server_cpu, client_cpu)
+    return (
+        server_cpu,
+        client_cpu,
+        "server pinned to CPU %d, load generator to CPU %d" % (server_cpu, client_cpu),
+    )
 
 
 def raise_nofile() -> int:
@@ -181,14 +245,23 @@ def progress_cell(w, r: dict) -> str:
     if w.kind in ("fanout", "rooms"):
         main = "%s deliveries/s" % report.si(r["value"])
     elif w.kind == "latency":
-        main = "p50 %s p99 %s max %s ms" % (report.ms(r["p50_ms"]), report.ms(r["p99_ms"]),
-                                           report.ms(r["max_ms"]))
+        main = "p50 %s p99 %s max %s ms" % (
+            report.ms(r["p50_ms"]),
+            report.ms(r["p99_ms"]),
+            report.ms(r["max_ms"]),
+        )
     else:
-        main = "%s handshakes/s %s/conn" % (report.si(r["value"]), report.kib(r.get("rss_per_conn")))
+        main = "%s handshakes/s %s/conn" % (
+            report.si(r["value"]),
+            report.kib(r.get("rss_per_conn")),
+        )
     other = r.get("other_cpu") or 0
     return "%s  client %s server %s%s" % (
-        main, report.pct(r.get("client_cpu")), report.pct(r.get("server_cpu")),
-        "  (other processes %s!)" % report.pct(other) if other > 0.05 else "")
+        main,
+        report.pct(r.get("client_cpu")),
+        report.pct(r.get("server_cpu")),
+        "  (other processes %s!)" % report.pct(other) if other > 0.05 else "",
+    )
 
 
 async def one_run(spec: ServerSpec, w, s: Settings, server_cpu, log) -> dict:
@@ -205,8 +278,10 @@ async def one_run(spec: ServerSpec, w, s: Settings, server_cpu, log) -> dict:
         gc.enable()
         rc = server.stop()
         if rc not in (0, None, -15):
-            log("    note: %s exited with code %s; stderr: %s"
-                % (spec.name, rc, " | ".join(server.last_stderr[-3:])))
+            log(
+                "    note: %s exited with code %s; stderr: %s"
+                % (spec.name, rc, " | ".join(server.last_stderr[-3:]))
+            )
 
 
 async def main_async(args: argparse.Namespace) -> int:
@@ -219,29 +294,48 @@ async def main_async(args: argparse.Namespace) -> int:
         return 2
     s, reps = settings(args)
     workloads = pick_workloads(args)
-    server_cpu, client_cpu, pin_note = (None, None, "no pinning (--no-pin)") if args.no_pin else pin()
+    server_cpu, client_cpu, pin_note = (
+        (None, None, "no pinning (--no-pin)") if args.no_pin else pin()
+    )
     nofile = raise_nofile()
     names = [sp.name for sp in specs]
     command = "python bench/run.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                command=command.strip(), quick=args.quick, servers=names, reps=reps,
-                pinning=pin_note, nofile=nofile, numpy=wire.HAVE_NUMPY,
-                settings=vars(s), machine=report.machine(),
-                workloads=[dict(key=w.key, kind=w.kind, label=w.label, params=w.params)
-                           for w in workloads])
+    meta = dict(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        command=command.strip(),
+        quick=args.quick,
+        servers=names,
+        reps=reps,
+        pinning=pin_note,
+        nofile=nofile,
+        numpy=wire.HAVE_NUMPY,
+        settings=vars(s),
+        machine=report.machine(),
+        workloads=[dict(key=w.key, kind=w.kind, label=w.label, params=w.params) for w in workloads],
+    )
 
     def log(msg: str) -> None:
         print(msg, flush=True)
 
     log("fastrelay bench: %s" % meta["command"])
-    log("machine: %s, %s cores, Linux %s, Python %s" % (
-        meta["machine"]["cpu"], meta["machine"]["cores"], meta["machine"]["kernel"],
-        meta["machine"]["python"]))
-    log("%s; RLIMIT_NOFILE %d; servers: %s; %d repetition(s); %.1fs warmup + %.1fs measured"
-        % (pin_note, nofile, ", ".join(names), reps, s.warmup, s.duration))
+    log(
+        "machine: %s, %s cores, Linux %s, Python %s"
+        % (
+            meta["machine"]["cpu"],
+            meta["machine"]["cores"],
+            meta["machine"]["kernel"],
+            meta["machine"]["python"],
+        )
+    )
+    log(
+        "%s; RLIMIT_NOFILE %d; servers: %s; %d repetition(s); %.1fs warmup + %.1fs measured"
+        % (pin_note, nofile, ", ".join(names), reps, s.warmup, s.duration)
+    )
     if not wire.HAVE_NUMPY:
-        log("warning: numpy not installed; verification runs per frame in Python "
-            "and the load generator will saturate early")
+        log(
+            "warning: numpy not installed; verification runs per frame in Python "
+            "and the load generator will saturate early"
+        )
 
     runs: list[dict] = []
     total = len(workloads) * reps * len(specs)
@@ -251,16 +345,25 @@ async def main_async(args: argparse.Namespace) -> int:
         for rep in range(reps):
             # Rotate the server order each repetition: no server always runs
             # first (cold caches) or right after the same neighbour.
-            order = specs[rep % len(specs):] + specs[:rep % len(specs)]
+            order = specs[rep % len(specs) :] + specs[: rep % len(specs)]
             for spec in order:
                 i += 1
                 gc.collect()
-                head = "[%*d/%d] %-26s rep %d/%d  %-10s" % (len(str(total)), i, total, w.label,
-                                                            rep + 1, reps, spec.name)
+                head = "[%*d/%d] %-26s rep %d/%d  %-10s" % (
+                    len(str(total)),
+                    i,
+                    total,
+                    w.label,
+                    rep + 1,
+                    reps,
+                    spec.name,
+                )
                 try:
                     r = await one_run(spec, w, s, server_cpu, log)
                 except (ServerError, OSError, asyncio.TimeoutError, Exception) as exc:  # noqa: BLE001
-                    kind = "timeout" if isinstance(exc, asyncio.TimeoutError) else type(exc).__name__
+                    kind = (
+                        "timeout" if isinstance(exc, asyncio.TimeoutError) else type(exc).__name__
+                    )
                     r = dict(ok=False, errors=["%s: %s" % (kind, exc)])
                     if not isinstance(exc, (ServerError, asyncio.TimeoutError)):
                         r["traceback"] = traceback.format_exc()
@@ -277,16 +380,22 @@ async def main_async(args: argparse.Namespace) -> int:
     log("")
     bound = [row for row in summary if row.get("client_cpu", {}).get("median", 0) > 0.9]
     if bound:
-        log("caveat: load generator CPU > 90%% in: %s (figures there are a lower bound)"
-            % ", ".join("%s/%s" % (r["label"], r["server"]) for r in bound))
+        log(
+            "caveat: load generator CPU > 90%% in: %s (figures there are a lower bound)"
+            % ", ".join("%s/%s" % (r["label"], r["server"]) for r in bound)
+        )
     noisy = [row for row in summary if row.get("other_cpu", {}).get("max", 0) > 0.05]
     if noisy:
-        log("caveat: the machine was not quiet: other processes used up to %s of a CPU in %d of "
+        log(
+            "caveat: the machine was not quiet: other processes used up to %s of a CPU in %d of "
             "%d rows (see 'other CPU'); rerun on an idle machine for figures to quote"
-            % (report.pct(max(r["other_cpu"]["max"] for r in noisy)), len(noisy), len(summary)))
+            % (report.pct(max(r["other_cpu"]["max"] for r in noisy)), len(noisy), len(summary))
+        )
     failed = [r for r in runs if not r.get("ok")]
 
-    out = args.json or os.path.join(ROOT, "bench", "results", "quick.json" if args.quick else "latest.json")
+    out = args.json or os.path.join(
+        ROOT, "bench", "results", "quick.json" if args.quick else "latest.json"
+    )
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(dict(meta=meta, summary=summary, runs=runs), f, indent=1, default=str)
@@ -296,14 +405,16 @@ async def main_async(args: argparse.Namespace) -> int:
         write_markdown(md, meta, tbl, bound, noisy, failed)
         log("wrote %s" % os.path.relpath(md))
     if failed:
-        log("%d of %d runs did not verify (loss, errors or failures): exit 1" % (len(failed), len(runs)))
+        log(
+            "%d of %d runs did not verify (loss, errors or failures): exit 1"
+            % (len(failed), len(runs))
+        )
         return 1
     log("all %d runs verified: every message delivered intact and in order per sender" % len(runs))
     return 0
 
 
-def write_markdown(path: str, meta: dict, tbl: str, bound: list, noisy: list,
-                   failed: list) -> None:
+def write_markdown(path: str, meta: dict, tbl: str, bound: list, noisy: list, failed: list) -> None:
     m = meta["machine"]
     vers = ", ".join("%s %s" % (k, v) for k, v in m["versions"].items() if v)
     lines = [
@@ -313,9 +424,15 @@ def write_markdown(path: str, meta: dict, tbl: str, bound: list, noisy: list,
         "",
         "- date: %s" % meta["date"],
         "- command: `%s`" % meta["command"],
-        "- machine: %s, %s cores, %s GiB, %s %s, Python %s" % (
-            m["cpu"], m["cores"], round((m["memory_bytes"] or 0) / 2**30), m["system"],
-            m["kernel"], m["python"]),
+        "- machine: %s, %s cores, %s GiB, %s %s, Python %s"
+        % (
+            m["cpu"],
+            m["cores"],
+            round((m["memory_bytes"] or 0) / 2**30),
+            m["system"],
+            m["kernel"],
+            m["python"],
+        ),
         "- libraries: %s" % vers,
         "- %s; %d repetitions, servers interleaved; %.1fs warmup + %.1fs measured per run"
         % (meta["pinning"], meta["reps"], meta["settings"]["warmup"], meta["settings"]["duration"]),
@@ -328,13 +445,17 @@ def write_markdown(path: str, meta: dict, tbl: str, bound: list, noisy: list,
         "",
     ]
     if bound:
-        lines.append("Load generator above 90%% CPU (figures are a lower bound for the server): %s."
-                     % ", ".join("%s/%s" % (r["label"], r["server"]) for r in bound))
+        lines.append(
+            "Load generator above 90%% CPU (figures are a lower bound for the server): %s."
+            % ", ".join("%s/%s" % (r["label"], r["server"]) for r in bound)
+        )
         lines.append("")
     if noisy:
-        lines.append("The machine was not quiet: other processes used more than 5%% of a CPU "
-                     "during %d of %d rows (column 'other CPU')." % (len(noisy), len(meta["workloads"])
-                                                                     * len(meta["servers"])))
+        lines.append(
+            "The machine was not quiet: other processes used more than 5%% of a CPU "
+            "during %d of %d rows (column 'other CPU')."
+            % (len(noisy), len(meta["workloads"]) * len(meta["servers"]))
+        )
         lines.append("")
     if failed:
         lines.append("%d run(s) did not verify; see the JSON for details." % len(failed))

@@ -6,6 +6,7 @@ no fault and expects success.
 
     python bench/selfcheck.py        # exit 0 when every expectation holds
 """
+
 from __future__ import annotations
 
 import json
@@ -20,16 +21,32 @@ CASES = [
     ("drop", 3000, "loss"),
     ("duplicate", 3000, "duplicate or reorder"),
     ("corrupt", 3000, "malformed"),
-    ("drop", 0, None),        # no fault: must verify
+    ("drop", 0, None),  # no fault: must verify
 ]
 
 
 def run_case(fault: str, every: int, tmp: str) -> tuple[int, dict]:
     out = os.path.join(tmp, "%s-%d.json" % (fault, every))
     cmd = "%s bench/peers/faulty_relay.py --port {port} --fault %s --every %d" % (
-        sys.executable, fault, every)
-    argv = [sys.executable, "bench/run.py", "--quick", "--workloads", "fanout", "--reps", "1",
-            "--servers", "faulty", "--server-cmd", "faulty=" + cmd, "--json", out]
+        sys.executable,
+        fault,
+        every,
+    )
+    argv = [
+        sys.executable,
+        "bench/run.py",
+        "--quick",
+        "--workloads",
+        "fanout",
+        "--reps",
+        "1",
+        "--servers",
+        "faulty",
+        "--server-cmd",
+        "faulty=" + cmd,
+        "--json",
+        out,
+    ]
     r = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
     if not os.path.exists(out):
         sys.stdout.write(r.stdout + r.stderr)
@@ -53,8 +70,11 @@ def main() -> int:
             else:
                 ok = rc == 1 and expect in errors
             bad += not ok
-            print("%-4s fault=%-9s every=%-5d exit=%d loss=%d %s" % (
-                "ok" if ok else "FAIL", fault, every, rc, loss, errors[:160]), flush=True)
+            print(
+                "%-4s fault=%-9s every=%-5d exit=%d loss=%d %s"
+                % ("ok" if ok else "FAIL", fault, every, rc, loss, errors[:160]),
+                flush=True,
+            )
     print("selfcheck: %s" % ("all expectations held" if not bad else "%d case(s) failed" % bad))
     return 1 if bad else 0
 

@@ -5,6 +5,7 @@ waits for its "listening on ws://HOST:PORT/" line on stdout (no sleeps), and
 stops it by PID in a finally block: SIGTERM, then SIGKILL after a timeout.
 Only processes started here are ever signalled.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -38,27 +39,37 @@ class ServerSpec:
     name: str
     # Builds the argv for a port; may create temporary files, listed in
     # the returned cleanup paths.
-    kind: str                         # "fastrelay", "peer" or "command"
-    template: str = ""                # peer script or command template
-    port_zero: bool = True            # server accepts port 0 and prints the real port
+    kind: str  # "fastrelay", "peer" or "command"
+    template: str = ""  # peer script or command template
+    port_zero: bool = True  # server accepts port 0 and prints the real port
     note: str = ""
 
     def argv(self, port: int, tmpdir: str) -> list[str]:
         if self.kind == "peer":
-            return [sys.executable, os.path.join(PEERS, self.template),
-                    "--host", "127.0.0.1", "--port", str(port)]
+            return [
+                sys.executable,
+                os.path.join(PEERS, self.template),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ]
         if self.kind == "fastrelay":
             path = os.path.join(tmpdir, "fastrelay-bench-%d.yaml" % port)
             with open(path, "w") as f:
-                f.write("server:\n  host: 127.0.0.1\n  port: %d\n"
-                        "metrics:\n  enabled: false\n"
-                        "logging:\n  level: warn\n" % port)
+                f.write(
+                    "server:\n  host: 127.0.0.1\n  port: %d\n"
+                    "metrics:\n  enabled: false\n"
+                    "logging:\n  level: warn\n" % port
+                )
             return [sys.executable, "-m", "fastrelay", "--config-file", path]
         return shlex.split(self.template.replace("{port}", str(port)))
 
 
 BUILTIN = {
     "fastrelay": ServerSpec("fastrelay", "fastrelay"),
+    # The control: fastrelay's batching in Python (see peers/batched_relay.py).
+    "batched": ServerSpec("batched", "peer", "batched_relay.py"),
     "websockets": ServerSpec("websockets", "peer", "websockets_relay.py"),
     "picows": ServerSpec("picows", "peer", "picows_relay.py"),
     "aiohttp": ServerSpec("aiohttp", "peer", "aiohttp_relay.py"),
@@ -67,8 +78,13 @@ BUILTIN = {
 
 def fastrelay_available() -> Optional[str]:
     """None if `python -m fastrelay` can be expected to work, else why not."""
-    r = subprocess.run([sys.executable, "-c", "import fastrelay.server"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-c", "import fastrelay.server"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if r.returncode != 0:
         lines = (r.stderr or r.stdout).strip().splitlines()
         return lines[-1] if lines else "import fastrelay.server failed"
@@ -90,6 +106,7 @@ def _preexec(cpu: Optional[int]):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         if cpu is not None:
             os.sched_setaffinity(0, {cpu})
+
     return fn
 
 
@@ -141,11 +158,17 @@ class ServerProcess:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         try:
             self.proc = subprocess.Popen(
-                argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=err, preexec_fn=_preexec(self.cpu),
+                argv,
+                cwd=ROOT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                preexec_fn=_preexec(self.cpu),
                 # Own session: a Ctrl-C on the terminal reaches the harness
                 # only, which then stops its servers in order.
-                start_new_session=True)
+                start_new_session=True,
+            )
         except OSError as exc:
             raise ServerError("%s: cannot start %r: %s" % (self.spec.name, argv, exc)) from exc
         finally:
@@ -162,18 +185,23 @@ class ServerProcess:
                 lines.put(line)
             lines.put(None)
 
-        threading.Thread(target=pump, args=(self.proc.stdout, self.stdout_tail),
-                         daemon=True).start()
+        threading.Thread(
+            target=pump, args=(self.proc.stdout, self.stdout_tail), daemon=True
+        ).start()
         while True:
             try:
                 line = lines.get(timeout=timeout)
             except queue.Empty:
-                raise ServerError("%s: no 'listening on ws://...' line within %.0fs%s"
-                                  % (self.spec.name, timeout, self._diag())) from None
+                raise ServerError(
+                    "%s: no 'listening on ws://...' line within %.0fs%s"
+                    % (self.spec.name, timeout, self._diag())
+                ) from None
             if line is None:
                 self.proc.wait(10)
-                raise ServerError("%s exited with code %s before listening%s"
-                                  % (self.spec.name, self.proc.returncode, self._diag()))
+                raise ServerError(
+                    "%s exited with code %s before listening%s"
+                    % (self.spec.name, self.proc.returncode, self._diag())
+                )
             m = READY_RE.search(line)
             if m:
                 self.port = int(m.group(2))

@@ -13,6 +13,7 @@ chunk of thousands of frames instead of Python work per frame. 0x81 never
 occurs inside a payload (ASCII only), so b"\\x81\\x40" + sender digits marks
 the start of that sender's frames and bytes.count() finds a sender's echoes.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,18 +25,18 @@ except ImportError:  # pragma: no cover - exercised only without numpy
     np = None  # type: ignore[assignment]
 
 PAYLOAD = 64
-FRAME = 66          # server -> client: 2-byte header + payload
-CFRAME = 70         # client -> server: 2-byte header + 4-byte mask + payload
+FRAME = 66  # server -> client: 2-byte header + payload
+CFRAME = 70  # client -> server: 2-byte header + 4-byte mask + payload
 SERVER_HEADER = b"\x81\x40"
 CLIENT_HEADER = b"\x81\xc0"
 
 SID_W, SEQ_W, TS_W = 6, 10, 19
 SID_OFF = 0
-SEQ_OFF = SID_W + 1                 # 7
-TS_OFF = SEQ_OFF + SEQ_W + 1        # 18
-PAD_OFF = TS_OFF + TS_W + 1         # 38
+SEQ_OFF = SID_W + 1  # 7
+TS_OFF = SEQ_OFF + SEQ_W + 1  # 18
+PAD_OFF = TS_OFF + TS_W + 1  # 38
 PAD = b"x" * (PAYLOAD - PAD_OFF)
-MAX_SID = 10 ** SID_W - 1
+MAX_SID = 10**SID_W - 1
 
 HAVE_NUMPY = np is not None
 
@@ -72,7 +73,7 @@ def close_frame(key: bytes, code: int = 1000) -> bytes:
     return b"\x88\x82" + key + mask_bytes(code.to_bytes(2, "big"), key)
 
 
-BLOCK = 1000    # frames per pre-built block; blocks start at multiples of it
+BLOCK = 1000  # frames per pre-built block; blocks start at multiples of it
 
 if HAVE_NUMPY:
     # The last three sequence digits of 1000 consecutive frames, as ASCII.
@@ -178,14 +179,14 @@ class RefStream:
     verified in full from then on; nothing is assumed, only compared.
     """
 
-    TRIM_AT = 256 << 10     # try to drop consumed bytes above this size
+    TRIM_AT = 256 << 10  # try to drop consumed bytes above this size
 
     def __init__(self, senders: list[int], stamped: bool = False) -> None:
         self.senders = list(senders)
         self.markers = {s: sender_marker(s) for s in self.senders}
         self.verifier = StreamVerifier(senders, stamped=stamped)
         self.buf = bytearray()
-        self.base = 0                               # data offset of buf[0]
+        self.base = 0  # data offset of buf[0]
         self.checkpoints = [(0, dict(self.verifier.next_seq))]
         self.followers: list[StreamVerifier] = []
         self.trim_at = self.TRIM_AT
@@ -206,7 +207,7 @@ class RefStream:
             v.next_seq, v.frames = saved
             return -1
         if ok:
-            self.buf += chunk[:ok * FRAME]
+            self.buf += chunk[: ok * FRAME]
             self.checkpoints.append((self.end, dict(self.verifier.next_seq)))
             if len(self.buf) > self.trim_at:
                 self._trim()
@@ -230,7 +231,7 @@ class RefStream:
             i = self.buf.rfind(marker, a, b)
             if i >= 0:
                 q = 2 + SEQ_OFF + i
-                nxt[s] = int(self.buf[q:q + SEQ_W]) + 1
+                nxt[s] = int(self.buf[q : q + SEQ_W]) + 1
         return nxt
 
     def _trim(self) -> None:
@@ -242,7 +243,7 @@ class RefStream:
             return
         new_base = keep[-1][0]
         if new_base > self.base:
-            del self.buf[:new_base - self.base]
+            del self.buf[: new_base - self.base]
             self.base = new_base
             self.checkpoints = [cp for cp in self.checkpoints if cp[0] >= new_base]
 
@@ -257,18 +258,23 @@ class StreamVerifier:
     shared stream instead of parsing (see RefStream).
     """
 
-    def __init__(self, senders: list[int], latency: bool = False,
-                 ref: Optional[RefStream] = None, stamped: Optional[bool] = None) -> None:
+    def __init__(
+        self,
+        senders: list[int],
+        latency: bool = False,
+        ref: Optional[RefStream] = None,
+        stamped: Optional[bool] = None,
+    ) -> None:
         self.senders = list(senders)
         self.next_seq = {s: 0 for s in self.senders}
-        self.frames = 0             # data frames verified
+        self.frames = 0  # data frames verified
         self.error: Optional[str] = None
-        self.loss_note: Optional[str] = None    # first gap seen, if any
-        self.latency = latency      # collect per-frame latency
+        self.loss_note: Optional[str] = None  # first gap seen, if any
+        self.latency = latency  # collect per-frame latency
         # Frames carry send times (latency workload) or a zero timestamp.
         self.stamped = latency if stamped is None else stamped
-        self.lat_ts: list = []      # send timestamps (ns)
-        self.lat_ns: list = []      # delivery latency (ns)
+        self.lat_ts: list = []  # send timestamps (ns)
+        self.lat_ns: list = []  # delivery latency (ns)
         # Each sender id with its ':' as the big-endian integer _check_np reads.
         self._keys = [int.from_bytes(b"%06d:" % s_, "big") for s_ in self.senders]
         self.ref = ref if (HAVE_NUMPY and not latency) else None
@@ -348,7 +354,7 @@ class StreamVerifier:
             if ((v & sh.a64) | (((v & sh.b64) + sh.c64) & sh.d64)).any():
                 return False
         if n > 4 * g:
-            a = np.frombuffer(buf, dtype=np.uint8, count=n * FRAME)[4 * g * FRAME:]
+            a = np.frombuffer(buf, dtype=np.uint8, count=n * FRAME)[4 * g * FRAME :]
             if ((a.reshape(-1, FRAME) ^ _TEMPLATE_NP) > sh.limit).any():
                 return False
         return True
@@ -359,11 +365,13 @@ class StreamVerifier:
             a = np.frombuffer(buf, dtype=np.uint8, count=n * FRAME).reshape(n, FRAME)
             row = int(np.argmax(((a ^ _TEMPLATE_NP) > self._shape.limit).any(axis=1)))
             if a[row, 0] != 0x81 or a[row, 1] != 0x40:
-                n = row         # not a data frame: the caller looks at it
+                n = row  # not a data frame: the caller looks at it
                 if n == 0:
                     return 0
             else:
-                self._fail("malformed payload in frame #%d: %r" % (self.frames + row, bytes(a[row][:24])))
+                self._fail(
+                    "malformed payload in frame #%d: %r" % (self.frames + row, bytes(a[row][:24]))
+                )
                 return 0
 
         def column(offset: int, dtype: str) -> "np.ndarray":
@@ -372,9 +380,9 @@ class StreamVerifier:
 
         # Sender: the 6 id digits and ':' as one big-endian integer.
         sid_key = column(2 + SID_OFF, ">u8") >> _U(8)
-        seq = (_parse8(column(2 + SEQ_OFF, "<u8")) * _U(100)
-               + _parse8((column(2 + SEQ_OFF + 8, "<u2").astype(np.uint64) << _U(48))
-                         | _U(0x303030303030)))
+        seq = _parse8(column(2 + SEQ_OFF, "<u8")) * _U(100) + _parse8(
+            (column(2 + SEQ_OFF + 8, "<u2").astype(np.uint64) << _U(48)) | _U(0x303030303030)
+        )
         seq = seq.astype(np.int64)
         single = len(self.senders) == 1
         seen = 0
@@ -394,8 +402,10 @@ class StreamVerifier:
                 step = np.diff(q, prepend=exp - 1)
                 if (step < 1).any():
                     j = int(np.argmax(step < 1))
-                    self._fail("sender %d: seq %d after %d (duplicate or reorder)"
-                               % (s, int(q[j]), int(q[j]) - int(step[j])))
+                    self._fail(
+                        "sender %d: seq %d after %d (duplicate or reorder)"
+                        % (s, int(q[j]), int(q[j]) - int(step[j]))
+                    )
                     return 0
                 # Only gaps: messages lost. Keep verifying; the count of
                 # frames received shows how many are missing.
@@ -407,7 +417,7 @@ class StreamVerifier:
             return 0
         if self.latency and marks:
             a = np.frombuffer(buf, dtype=np.uint8, count=n * FRAME).reshape(n, FRAME)
-            ts = (a[:, 2 + TS_OFF:2 + TS_OFF + TS_W] - np.uint8(48)).astype(np.int64) @ _TS_POW
+            ts = (a[:, 2 + TS_OFF : 2 + TS_OFF + TS_W] - np.uint8(48)).astype(np.int64) @ _TS_POW
             ends = np.fromiter((m[0] for m in marks), dtype=np.int64, count=len(marks))
             times = np.fromiter((m[1] for m in marks), dtype=np.int64, count=len(marks))
             frame_ends = base + FRAME * np.arange(1, n + 1, dtype=np.int64)
@@ -417,19 +427,24 @@ class StreamVerifier:
         return n
 
     def _check_py(self, buf, n: int, base: int, marks) -> int:
-        mv = bytes(buf[:n * FRAME])
+        mv = bytes(buf[: n * FRAME])
         mark_i = 0
         for i in range(n):
-            f = mv[i * FRAME:(i + 1) * FRAME]
+            f = mv[i * FRAME : (i + 1) * FRAME]
             if f[:2] != SERVER_HEADER:
                 return i
             pl = f[2:]
             try:
-                ok = (f[:2] == SERVER_HEADER and pl[SID_W] == 58 and pl[SEQ_OFF + SEQ_W] == 58
-                      and pl[TS_OFF + TS_W] == 58 and pl[PAD_OFF:] == PAD)
+                ok = (
+                    f[:2] == SERVER_HEADER
+                    and pl[SID_W] == 58
+                    and pl[SEQ_OFF + SEQ_W] == 58
+                    and pl[TS_OFF + TS_W] == 58
+                    and pl[PAD_OFF:] == PAD
+                )
                 s = int(pl[:SID_W])
-                q = int(pl[SEQ_OFF:SEQ_OFF + SEQ_W])
-                ts = int(pl[TS_OFF:TS_OFF + TS_W])
+                q = int(pl[SEQ_OFF : SEQ_OFF + SEQ_W])
+                ts = int(pl[TS_OFF : TS_OFF + TS_W])
                 ok = ok and (self.stamped or ts == 0)
             except ValueError:
                 ok = False

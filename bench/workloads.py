@@ -1,5 +1,6 @@
 """The four workloads. Each runs against one freshly started server and
 returns a dict of measurements plus its own verification verdict."""
+
 from __future__ import annotations
 
 import asyncio
@@ -8,7 +9,17 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from . import wire
-from .loadgen import FRAME, SMALL_BUF, Member, Pacer, Room, Sender, SpotCheck, close_members, connect_members
+from .loadgen import (
+    FRAME,
+    SMALL_BUF,
+    Member,
+    Pacer,
+    Room,
+    Sender,
+    SpotCheck,
+    close_members,
+    connect_members,
+)
 from .servers import ServerProcess
 
 try:
@@ -17,24 +28,24 @@ except ImportError:  # pragma: no cover
     psutil = None
 
 HOST = "127.0.0.1"
-TAIL = 200      # messages per sender after the measured window, spot-checked
+TAIL = 200  # messages per sender after the measured window, spot-checked
 LATENCY_EVERY = 10  # latency workload: every 10th member measures latency
 
 
 @dataclass
 class Settings:
-    duration: float = 3.0       # measured seconds per run
-    warmup: float = 1.0         # seconds of load before measuring
-    window: int = 1024          # most un-echoed messages per sender (fan-out)
-    window_rooms: int = 256     # same, many-small-rooms workload
-    window_min: int = 16        # windows start here and never go below
+    duration: float = 3.0  # measured seconds per run
+    warmup: float = 1.0  # seconds of load before measuring
+    window: int = 1024  # most un-echoed messages per sender (fan-out)
+    window_rooms: int = 256  # same, many-small-rooms workload
+    window_min: int = 16  # windows start here and never go below
     # Queued work a window allows beyond the round trip (s). Deeper queues
     # made the peers slower in fan-out (bursts overflow socket buffers) and
     # faster in small rooms (bigger reads); these values favour the peers.
     queue_fanout: float = 0.05
     queue_rooms: float = 0.2
-    lag_limit: int = 0          # 0: derived from window and senders
-    concurrency: int = 100      # handshakes in flight while connecting
+    lag_limit: int = 0  # 0: derived from window and senders
+    concurrency: int = 100  # handshakes in flight while connecting
     spot_check: bool = True
     drain_timeout: float = 20.0
     connect_timeout: float = 120.0
@@ -42,8 +53,8 @@ class Settings:
 
 @dataclass
 class Workload:
-    key: str          # stable id used in JSON
-    kind: str         # fanout | latency | rooms | connections
+    key: str  # stable id used in JSON
+    kind: str  # fanout | latency | rooms | connections
     label: str
     params: dict
 
@@ -65,15 +76,33 @@ def default_workloads(quick: bool) -> list[Workload]:
         lats = [dict(members=100, rate=1000), dict(members=100, rate=2000)]
         rooms = dict(clients=1000, room_size=2)
         conns = dict(clients=5000, room_size=10)
-    out = [Workload("fanout-r%d-s%d" % (r, s), "fanout",
-                    "fan-out R=%d S=%d" % (r, s), dict(members=r, senders=s)) for r, s in fan]
+    out = [
+        Workload(
+            "fanout-r%d-s%d" % (r, s),
+            "fanout",
+            "fan-out R=%d S=%d" % (r, s),
+            dict(members=r, senders=s),
+        )
+        for r, s in fan
+    ]
     for lat in lats:
         out.append(latency_workload(lat["members"], lat["rate"]))
-    out.append(Workload("rooms-%dx%d" % (rooms["clients"] // rooms["room_size"], rooms["room_size"]),
-                        "rooms", "%d rooms of %d" % (rooms["clients"] // rooms["room_size"],
-                                                     rooms["room_size"]), rooms))
-    out.append(Workload("connections-%d" % conns["clients"], "connections",
-                        "%d idle connections" % conns["clients"], conns))
+    out.append(
+        Workload(
+            "rooms-%dx%d" % (rooms["clients"] // rooms["room_size"], rooms["room_size"]),
+            "rooms",
+            "%d rooms of %d" % (rooms["clients"] // rooms["room_size"], rooms["room_size"]),
+            rooms,
+        )
+    )
+    out.append(
+        Workload(
+            "connections-%d" % conns["clients"],
+            "connections",
+            "%d idle connections" % conns["clients"],
+            conns,
+        )
+    )
     return out
 
 
@@ -114,7 +143,7 @@ class WindowControl:
         last = [snd.echoed for snd in self.senders]
         t = time.perf_counter()
         while True:
-            await asyncio.sleep(self.PERIOD)    # a control period, not a wait for an event
+            await asyncio.sleep(self.PERIOD)  # a control period, not a wait for an event
             now = time.perf_counter()
             dt, t = now - t, now
             for i, snd in enumerate(self.senders):
@@ -137,8 +166,12 @@ class WindowControl:
 
 
 def latency_workload(members: int, rate: int) -> Workload:
-    return Workload("latency-r%d-%dhz" % (members, rate), "latency",
-                    "latency R=%d @%d msg/s" % (members, rate), dict(members=members, rate=rate))
+    return Workload(
+        "latency-r%d-%dhz" % (members, rate),
+        "latency",
+        "latency R=%d @%d msg/s" % (members, rate),
+        dict(members=members, rate=rate),
+    )
 
 
 class Meter:
@@ -191,8 +224,13 @@ class Meter:
         return t.user + t.nice + t.system
 
     def snap(self, members: list[Member]) -> dict:
-        return dict(t=time.perf_counter(), cpu=time.process_time(), srv=self.server_cpu(),
-                    bytes=sum(m.nbytes for m in members), busy=self.busy())
+        return dict(
+            t=time.perf_counter(),
+            cpu=time.process_time(),
+            srv=self.server_cpu(),
+            bytes=sum(m.nbytes for m in members),
+            busy=self.busy(),
+        )
 
 
 def other_cpu(a: dict, b: dict) -> float:
@@ -206,13 +244,18 @@ def other_cpu(a: dict, b: dict) -> float:
 
 def _window(a: dict, b: dict) -> dict:
     wall = b["t"] - a["t"]
-    return dict(wall=wall, deliveries=(b["bytes"] - a["bytes"]) // FRAME,
-                client_cpu=(b["cpu"] - a["cpu"]) / wall, server_cpu=(b["srv"] - a["srv"]) / wall,
-                other_cpu=other_cpu(a, b))
+    return dict(
+        wall=wall,
+        deliveries=(b["bytes"] - a["bytes"]) // FRAME,
+        client_cpu=(b["cpu"] - a["cpu"]) / wall,
+        server_cpu=(b["srv"] - a["srv"]) / wall,
+        other_cpu=other_cpu(a, b),
+    )
 
 
-def _verdict(rooms: list[Room], spot: Optional[SpotCheck], server: ServerProcess,
-             drained: bool) -> dict:
+def _verdict(
+    rooms: list[Room], spot: Optional[SpotCheck], server: ServerProcess, drained: bool
+) -> dict:
     expected = got = 0
     errors: list[str] = []
     n_err = n_loss = 0
@@ -229,8 +272,10 @@ def _verdict(rooms: list[Room], spot: Optional[SpotCheck], server: ServerProcess
                 n_loss += 1
                 if len(errors) < 5:
                     note = m.verifier.loss_note or "the last messages never arrived"
-                    errors.append("%s: lost %d of %d (%s)" % (
-                        room.path, room.sent_total - m.received(), room.sent_total, note))
+                    errors.append(
+                        "%s: lost %d of %d (%s)"
+                        % (room.path, room.sent_total - m.received(), room.sent_total, note)
+                    )
     if spot is not None and spot.error:
         n_err += 1
         errors.append("websockets spot check: %s" % spot.error)
@@ -239,15 +284,25 @@ def _verdict(rooms: list[Room], spot: Optional[SpotCheck], server: ServerProcess
     if not server.alive():
         errors.append("server process exited")
     loss = expected - got
-    return dict(deliveries_expected=expected, deliveries_verified=got, loss=loss,
-                clients_with_errors=n_err, clients_with_loss=n_loss, errors=errors,
-                spot_check=None if spot is None else dict(
-                    received=spot.count, error=spot.error),
-                ok=(loss == 0 and not errors))
+    return dict(
+        deliveries_expected=expected,
+        deliveries_verified=got,
+        loss=loss,
+        clients_with_errors=n_err,
+        clients_with_loss=n_loss,
+        errors=errors,
+        spot_check=None if spot is None else dict(received=spot.count, error=spot.error),
+        ok=(loss == 0 and not errors),
+    )
 
 
-async def _drain(rooms: list[Room], spot: Optional[SpotCheck], spot_room: Optional[Room],
-                 joined: Optional[dict], timeout: float) -> bool:
+async def _drain(
+    rooms: list[Room],
+    spot: Optional[SpotCheck],
+    spot_room: Optional[Room],
+    joined: Optional[dict],
+    timeout: float,
+) -> bool:
     """Wait (bounded) until every member has every message sent."""
     futs = [r.start_drain() for r in rooms]
     if spot is not None and spot_room is not None:
@@ -259,15 +314,25 @@ async def _drain(rooms: list[Room], spot: Optional[SpotCheck], spot_room: Option
     return not pending
 
 
-async def _open(server: ServerProcess, members: list[Member], s: Settings,
-                log: Callable[[str], None]) -> tuple[float, float]:
+async def _open(
+    server: ServerProcess, members: list[Member], s: Settings, log: Callable[[str], None]
+) -> tuple[float, float]:
     def progress(n: int) -> None:
         log("    connected %d/%d" % (n, len(members)))
-    return await connect_members(HOST, server.port, members, s.concurrency, s.connect_timeout,
-                                 progress if len(members) >= 2000 else None)
+
+    return await connect_members(
+        HOST,
+        server.port,
+        members,
+        s.concurrency,
+        s.connect_timeout,
+        progress if len(members) >= 2000 else None,
+    )
 
 
-async def _spot(server: ServerProcess, room: Room, senders: list[int], s: Settings) -> Optional[SpotCheck]:
+async def _spot(
+    server: ServerProcess, room: Room, senders: list[int], s: Settings
+) -> Optional[SpotCheck]:
     if not s.spot_check:
         return None
     spot = SpotCheck("ws://%s:%d%s" % (HOST, server.port, room.path), senders)
@@ -281,22 +346,35 @@ async def _teardown(members: list[Member], spot: Optional[SpotCheck]) -> None:
     await close_members(members)
 
 
-async def run_fanout(server: ServerProcess, w: Workload, s: Settings,
-                     log: Callable[[str], None]) -> dict:
+async def run_fanout(
+    server: ServerProcess, w: Workload, s: Settings, log: Callable[[str], None]
+) -> dict:
     n, k = w.params["members"], w.params["senders"]
     lag = s.lag_limit or min(max(2 * k * s.window, 1024), 8192)
     room = Room("/fanout", lag)
     sids = list(range(1, k + 1))
     senders = [Sender(room, sids, sid, s.window_min) for sid in sids]
     members = senders + [Member(room, sids) for _ in range(n - k)]
-    return await _throughput(server, [room], members, senders, room, sids, s, log, s.window,
-                             s.queue_fanout,
-                             extra=dict(members=n, senders=k, window_max=s.window, lag_limit=lag,
-                                        queue_s=s.queue_fanout))
+    return await _throughput(
+        server,
+        [room],
+        members,
+        senders,
+        room,
+        sids,
+        s,
+        log,
+        s.window,
+        s.queue_fanout,
+        extra=dict(
+            members=n, senders=k, window_max=s.window, lag_limit=lag, queue_s=s.queue_fanout
+        ),
+    )
 
 
-async def run_rooms(server: ServerProcess, w: Workload, s: Settings,
-                    log: Callable[[str], None]) -> dict:
+async def run_rooms(
+    server: ServerProcess, w: Workload, s: Settings, log: Callable[[str], None]
+) -> dict:
     n, size = w.params["clients"], w.params["room_size"]
     lag = s.lag_limit or max(4 * size * s.window_rooms, 256)
     rooms, members = [], []
@@ -307,15 +385,30 @@ async def run_rooms(server: ServerProcess, w: Workload, s: Settings,
             members.append(Sender(room, sids, sid, s.window_min))
         rooms.append(room)
     first = rooms[0]
-    return await _throughput(server, rooms, members, members, first,
-                             [m.sid for m in first.senders], s, log, s.window_rooms,
-                             s.queue_rooms,
-                             extra=dict(clients=n, room_size=size, window_max=s.window_rooms,
-                                        lag_limit=lag, queue_s=s.queue_rooms))
+    return await _throughput(
+        server,
+        rooms,
+        members,
+        members,
+        first,
+        [m.sid for m in first.senders],
+        s,
+        log,
+        s.window_rooms,
+        s.queue_rooms,
+        extra=dict(
+            clients=n,
+            room_size=size,
+            window_max=s.window_rooms,
+            lag_limit=lag,
+            queue_s=s.queue_rooms,
+        ),
+    )
 
 
-async def _throughput(server, rooms, members, senders, spot_room, spot_sids, s, log, wmax,
-                      queue, extra) -> dict:
+async def _throughput(
+    server, rooms, members, senders, spot_room, spot_sids, s, log, wmax, queue, extra
+) -> dict:
     meter = Meter(server)
     spot = None
     pacer = Pacer()
@@ -335,7 +428,7 @@ async def _throughput(server, rooms, members, senders, spot_room, spot_sids, s, 
         for snd in senders:
             snd.refill()
         control.start()
-        await asyncio.sleep(s.warmup)       # load is running; this only times it
+        await asyncio.sleep(s.warmup)  # load is running; this only times it
         a = meter.snap(members)
         await asyncio.sleep(s.duration)
         b = meter.snap(members)
@@ -365,18 +458,20 @@ async def _throughput(server, rooms, members, senders, spot_room, spot_sids, s, 
         pacer.close()
 
 
-async def run_latency(server: ServerProcess, w: Workload, s: Settings,
-                      log: Callable[[str], None]) -> dict:
+async def run_latency(
+    server: ServerProcess, w: Workload, s: Settings, log: Callable[[str], None]
+) -> dict:
     n, rate = w.params["members"], w.params["rate"]
-    room = Room("/latency", 1 << 40)   # open loop: never throttled
+    room = Room("/latency", 1 << 40)  # open loop: never throttled
     sender = Sender(room, [1], 1, 1, latency=True)
     # Every LATENCY_EVERY-th member (spread over the join order, so early and
     # late positions in the relay's fan-out loop are both sampled) measures
     # latency and is read the moment bytes arrive; the others are read in
     # rounds like fan-out receivers. Reading all 100 at once would make the
     # client, which then pays a syscall per frame, slower than the relay.
-    members = [sender] + [Member(room, [1], latency=(i % LATENCY_EVERY == 0), stamped=True)
-                          for i in range(1, n)]
+    members = [sender] + [
+        Member(room, [1], latency=(i % LATENCY_EVERY == 0), stamped=True) for i in range(1, n)
+    ]
     timed = [m for m in members if m.verifier.latency]
     pacer = Pacer()
     meter = Meter(server)
@@ -412,10 +507,16 @@ async def run_latency(server: ServerProcess, w: Workload, s: Settings,
         res = _window(a, b)
         res.update(_verdict([room], spot, server, drained))
         lat = wire.latency_samples([m.verifier for m in timed], t_from, t_to)
-        res.update(members=n, rate=rate, messages_sent=room.sent_total, samples=len(lat),
-                   timed_members=len(timed),
-                   p50_ms=wire.percentile(lat, 50) / 1e6, p99_ms=wire.percentile(lat, 99) / 1e6,
-                   max_ms=(float(lat[-1]) / 1e6 if len(lat) else float("nan")))
+        res.update(
+            members=n,
+            rate=rate,
+            messages_sent=room.sent_total,
+            samples=len(lat),
+            timed_members=len(timed),
+            p50_ms=wire.percentile(lat, 50) / 1e6,
+            p99_ms=wire.percentile(lat, 99) / 1e6,
+            max_ms=(float(lat[-1]) / 1e6 if len(lat) else float("nan")),
+        )
         res["value"] = res["p99_ms"]
         return res
     finally:
@@ -425,8 +526,9 @@ async def run_latency(server: ServerProcess, w: Workload, s: Settings,
         pacer.close()
 
 
-async def run_connections(server: ServerProcess, w: Workload, s: Settings,
-                          log: Callable[[str], None]) -> dict:
+async def run_connections(
+    server: ServerProcess, w: Workload, s: Settings, log: Callable[[str], None]
+) -> dict:
     n, size = w.params["clients"], w.params["room_size"]
     meter = Meter(server)
     rooms, members, senders = [], [], []
@@ -457,9 +559,15 @@ async def run_connections(server: ServerProcess, w: Workload, s: Settings,
         wall = t1 - t0
         res = _window(a, b)
         del res["deliveries"]
-        res.update(wall=wall, clients=n, room_size=size, value=n / wall,
-                   rss_before=rss0, rss_after=rss1,
-                   rss_per_conn=(None if rss0 is None or rss1 is None else (rss1 - rss0) / n))
+        res.update(
+            wall=wall,
+            clients=n,
+            room_size=size,
+            value=n / wall,
+            rss_before=rss0,
+            rss_after=rss1,
+            rss_per_conn=(None if rss0 is None or rss1 is None else (rss1 - rss0) / n),
+        )
         res.update(_verdict(rooms, spot, server, drained))
         return res
     finally:
@@ -467,5 +575,9 @@ async def run_connections(server: ServerProcess, w: Workload, s: Settings,
         pacer.close()
 
 
-RUNNERS = {"fanout": run_fanout, "latency": run_latency, "rooms": run_rooms,
-           "connections": run_connections}
+RUNNERS = {
+    "fanout": run_fanout,
+    "latency": run_latency,
+    "rooms": run_rooms,
+    "connections": run_connections,
+}

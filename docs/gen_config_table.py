@@ -2,7 +2,7 @@
 
 The tables live between marker comments, e.g.
     <!-- generated: config-keys -->  ...  <!-- end generated: config-keys -->
-and are rendered from fastrelay.config's schema and fastrelay.metrics.METRICS,
+and are rendered from fastrelay.config.iter_options() and fastrelay.metrics.METRICS,
 so the documentation cannot drift from what the program accepts and exports.
 tests/test_config.py fails when a table is stale.
 
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from fastrelay.config import constraint_text, iter_fields, type_name  # noqa: E402
+from fastrelay.config import iter_options  # noqa: E402
 from fastrelay.metrics import METRICS  # noqa: E402
 
 START = "<!-- generated: config-keys -->"
@@ -35,10 +35,11 @@ def _yaml_value(value: object) -> str:
 
 def render_config_keys() -> str:
     rows = ["| key | type | default | allowed | meaning |", "|---|---|---|---|---|"]
-    for f in iter_fields():
-        allowed = constraint_text(f) or "any"
+    for option in iter_options():
+        allowed = option.meta.allowed() or "any"
+        default = _yaml_value(option.default)
         rows.append(
-            f"| `{f.key}` | {type_name(f.type)} | `{_yaml_value(f.default)}` | {allowed} | {f.meta['doc']} |"
+            f"| `{option.key}` | {option.kind} | `{default}` | {allowed} | {option.meta.help} |"
         )
     return "\n".join(rows)
 
@@ -46,9 +47,7 @@ def render_config_keys() -> str:
 def render_metrics() -> str:
     rows = ["| metric | type | labels | meaning |", "|---|---|---|---|"]
     for m in METRICS:
-        rows.append(
-            f"| `{m.name}` | {m.type} | {f'`{m.label}`' if m.label else ''} | {m.help} |"
-        )
+        rows.append(f"| `{m.name}` | {m.type} | {f'`{m.label}`' if m.label else ''} | {m.help} |")
     return "\n".join(rows)
 
 
@@ -62,18 +61,12 @@ def update(text: str) -> str:
             rf"(<!-- generated: {name} -->\n).*?(<!-- end generated: {name} -->)",
             re.DOTALL,
         )
-        text = pattern.sub(
-            lambda m, r=render: m.group(1) + r() + "\n" + m.group(2), text
-        )
+        text = pattern.sub(lambda m, r=render: m.group(1) + r() + "\n" + m.group(2), text)
     return text
 
 
 def main(paths: list[str]) -> int:
-    targets = [Path(p) for p in paths] or [
-        p
-        for p in (ROOT / "README.md",)
-        if p.exists()
-    ]
+    targets = [Path(p) for p in paths] or [p for p in (ROOT / "README.md",) if p.exists()]
     for path in targets:
         old = path.read_text()
         new = update(old)

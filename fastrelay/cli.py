@@ -25,6 +25,7 @@ from .config import Config, ConfigError, load_config, resolve_config_path
 from .logs import LogSink, setup_logging
 from .metrics import start_metrics_server, url_host
 from .server import Relay
+from .tls import TLSFileError
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -48,9 +49,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="YAML configuration file (default: ./config.yaml if present)",
     )
-    parser.add_argument(
-        "--version", action="version", version=f"fastrelay {__version__}"
-    )
+    parser.add_argument("--version", action="version", version=f"fastrelay {__version__}")
     return parser
 
 
@@ -68,9 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         sink = setup_logging(cfg.logging.output, cfg.logging.level)
     except OSError as e:
-        return _error(
-            f"logging.output: cannot open '{cfg.logging.output}': {e.strerror or e}"
-        )
+        return _error(f"logging.output: cannot open '{cfg.logging.output}': {e.strerror or e}")
     try:
         return _run(cfg, sink, resolve_config_path(args.config_file))
     except StartupError as e:
@@ -86,9 +83,7 @@ def _run(cfg: Config, sink: LogSink, config_path: str | None) -> int:
     return uvloop.run(_serve(cfg, sink, config_path))
 
 
-def _listen_error(
-    sink: LogSink, what: str, host: str, port: int, exc: OSError
-) -> StartupError:
+def _listen_error(sink: LogSink, what: str, host: str, port: int, exc: OSError) -> StartupError:
     if isinstance(exc, socket.gaierror):
         reason = exc.strerror or str(exc)  # getaddrinfo codes are not errnos
     elif exc.errno:
@@ -142,15 +137,16 @@ async def _serve(cfg: Config, sink: LogSink, config_path: str | None) -> int:
     relay = Relay(cfg, log)
     try:
         await relay.start()
+    except TLSFileError as e:
+        # Checked at load time, so the files changed since; still a user error.
+        raise StartupError(f"server.tls.{e.option}: {e.problem}") from None
     except ssl.SSLError as e:
-        # Validated at load time, so the files changed since; still a user error.
+        # An OSError too, so caught before it is taken for a listening error.
         raise StartupError(
             f"server.tls: cannot use the certificate or key: {e.reason or e}"
         ) from None
     except OSError as e:
-        raise _listen_error(
-            sink, "relay", cfg.server.host, cfg.server.port, e
-        ) from None
+        raise _listen_error(sink, "relay", cfg.server.host, cfg.server.port, e) from None
 
     metrics = None
     if cfg.metrics.enabled:
@@ -164,14 +160,10 @@ async def _serve(cfg: Config, sink: LogSink, config_path: str | None) -> int:
         except OSError as e:
             # Nobody was told the relay URL yet; close it before exiting.
             await relay.shutdown(cfg.timeouts.shutdown)
-            raise _listen_error(
-                sink, "metrics", cfg.metrics.host, cfg.metrics.port, e
-            ) from None
+            raise _listen_error(sink, "metrics", cfg.metrics.host, cfg.metrics.port, e) from None
 
     scheme = "wss" if cfg.server.tls.enabled else "ws"
-    lines = [
-        f"fastrelay listening on {scheme}://{url_host(cfg.server.host)}:{relay.port}/"
-    ]
+    lines = [f"fastrelay listening on {scheme}://{url_host(cfg.server.host)}:{relay.port}/"]
     if metrics is not None:
         lines.append(f"metrics on {metrics.url}")
     for line in lines:

@@ -1,10 +1,11 @@
 """Configuration schema and the YAML loader that checks a file against it.
 
 The frozen dataclasses below are the single table of the configuration: each
-leaf field carries its type (the annotation), its default, its constraints
-and its documentation (the field metadata). The loader, the README table
-(docs/gen_config_table.py) and the tests all walk this one table, so a key
-cannot be loadable but undocumented, or documented with the wrong default.
+leaf key is declared with `_option(default, OptionMeta(...))`, which keeps its
+help text and allowed values on the dataclass field next to its type and
+default. The loader, the README table (docs/gen_config_table.py) and the
+tests all read that table through iter_options(), so a key cannot be
+loadable but undocumented, or documented with the wrong default.
 """
 
 from __future__ import annotations
@@ -13,20 +14,38 @@ import dataclasses
 import difflib
 import math
 import os
-import ssl
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, get_type_hints
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypeVar, get_type_hints
 from urllib.parse import urlsplit
 
 import yaml
+
+from .tls import TLSFileError, server_context
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 DEFAULT_PATH = "config.yaml"
 
 # Values of logging.output that name a stream rather than a file.
 STREAM_OUTPUTS = ("stdout", "stderr")
 
-_Origins = tuple[str, ...]
+# What a leaf key may hold once loaded.
+OptionValue: TypeAlias = "bool | int | float | str | tuple[str, ...]"
+
+# The name users read for each type a leaf key can have.
+Kind = Literal["boolean", "integer", "number", "string", "list of strings"]
+_KINDS: dict[object, Kind] = {
+    bool: "boolean",
+    int: "integer",
+    float: "number",
+    str: "string",
+    tuple[str, ...]: "list of strings",
+}
+
+_V = TypeVar("_V")
+_Section = TypeVar("_Section", bound="DataclassInstance")
 
 
 class ConfigError(Exception):
@@ -41,6 +60,61 @@ class ConfigError(Exception):
         super().__init__(" ".join(message.splitlines()))
 
 
+@dataclass(frozen=True)
+class OptionMeta:
+    """What one leaf key documents and accepts beyond its type.
+
+    min/max are inclusive bounds, `above` an exclusive lower bound. `path`
+    marks file names that are resolved against the config file's directory.
+    `lower` normalises strings (and list items) to lower case; `item_check`
+    then says why one is wrong, or returns None.
+    """
+
+    help: str
+    min: float | None = None
+    max: float | None = None
+    above: float | None = None
+    choices: tuple[str, ...] = ()
+    nonempty: bool = False
+    path: bool = False
+    lower: bool = False
+    item_check: Callable[[str], str | None] | None = None
+
+    def allowed(self) -> str:
+        """The allowed values in words ('' when any value of the type is)."""
+        if self.choices:
+            return ", ".join(self.choices)
+        parts = []
+        if self.min is not None and self.max is not None:
+            parts.append(f"{self.min}..{self.max}")
+        elif self.min is not None:
+            parts.append(f">= {self.min}")
+        if self.above is not None:
+            parts.append(f"> {self.above}")
+        if self.nonempty:
+            parts.append("not empty")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One leaf key of the schema, as the loader, the docs and the tests see it."""
+
+    key: str  # dotted, e.g. "server.tls.cert_file"
+    kind: Kind
+    default: OptionValue
+    meta: OptionMeta
+
+
+# The field-metadata key under which _option() stores an OptionMeta.
+_META = "fastrelay.option"
+
+
+def _option(default: _V, meta: OptionMeta) -> _V:
+    """Declare a leaf key: its default and its OptionMeta."""
+    return field(default=default, metadata={_META: meta})
+
+
 def _check_origin(value: str) -> str | None:
     """Return why `value` cannot match a browser Origin header, or None."""
     parts = urlsplit(value)
@@ -53,56 +127,23 @@ def _check_origin(value: str) -> str | None:
     return None
 
 
-def _opt(
-    doc: str,
-    *,
-    min: float | None = None,
-    max: float | None = None,
-    above: float | None = None,
-    choices: tuple[str, ...] | None = None,
-    nonempty: bool = False,
-    path: bool = False,
-    item_check: Callable[[str], str | None] | None = None,
-    lower: bool = False,
-) -> dict[str, Any]:
-    """Field metadata of one leaf key: its documentation and constraints.
-
-    min/max are inclusive bounds, `above` an exclusive lower bound. `path`
-    marks file names that are resolved against the config file's directory.
-    `item_check` validates each string of a list; `lower` normalises strings
-    (and list items) to lower case.
-    """
-    return {
-        "doc": doc,
-        "min": min,
-        "max": max,
-        "above": above,
-        "choices": choices,
-        "nonempty": nonempty,
-        "path": path,
-        "item_check": item_check,
-        "lower": lower,
-    }
-
-
 @dataclass(frozen=True)
 class TLSConfig:
-    enabled: bool = field(
-        default=False,
-        metadata=_opt("Serve `wss://` using the certificate and key below."),
+    enabled: bool = _option(
+        False, OptionMeta("Serve `wss://` using the certificate and key below.")
     )
-    cert_file: str = field(
-        default="cert.pem",
-        metadata=_opt(
+    cert_file: str = _option(
+        "cert.pem",
+        OptionMeta(
             "PEM certificate chain, server certificate first. A relative path is "
             "relative to the config file's directory.",
             nonempty=True,
             path=True,
         ),
     )
-    key_file: str = field(
-        default="key.pem",
-        metadata=_opt(
+    key_file: str = _option(
+        "key.pem",
+        OptionMeta(
             "PEM private key of `cert_file`, unencrypted. A relative path is "
             "relative to the config file's directory.",
             nonempty=True,
@@ -113,15 +154,13 @@ class TLSConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    host: str = field(
-        default="0.0.0.0",
-        metadata=_opt(
-            "Address the relay listens on (`::` for all IPv6 addresses).", nonempty=True
-        ),
+    host: str = _option(
+        "0.0.0.0",
+        OptionMeta("Address the relay listens on (`::` for all IPv6 addresses).", nonempty=True),
     )
-    port: int = field(
-        default=8443,
-        metadata=_opt(
+    port: int = _option(
+        8443,
+        OptionMeta(
             "TCP port of the relay; 0 picks a free port (the URL printed at start names it).",
             min=0,
             max=65535,
@@ -132,36 +171,30 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    enabled: bool = field(
-        default=True,
-        metadata=_opt("Serve `/metrics`, `/healthz` and `/readyz` on a separate port."),
+    enabled: bool = _option(
+        True, OptionMeta("Serve `/metrics`, `/healthz` and `/readyz` on a separate port.")
     )
-    host: str = field(
-        default="0.0.0.0",
-        metadata=_opt("Address of the metrics listener.", nonempty=True),
-    )
-    port: int = field(
-        default=9090,
-        metadata=_opt(
-            "TCP port of the metrics listener; 0 picks a free port.", min=0, max=65535
-        ),
+    host: str = _option("0.0.0.0", OptionMeta("Address of the metrics listener.", nonempty=True))
+    port: int = _option(
+        9090,
+        OptionMeta("TCP port of the metrics listener; 0 picks a free port.", min=0, max=65535),
     )
 
 
 @dataclass(frozen=True)
 class LoggingConfig:
-    output: str = field(
-        default="stderr",
-        metadata=_opt(
+    output: str = _option(
+        "stderr",
+        OptionMeta(
             "`stdout`, `stderr`, or a file path (appended to, created if missing; a "
             "relative path is relative to the config file's directory).",
             nonempty=True,
             path=True,
         ),
     )
-    level: str = field(
-        default="info",
-        metadata=_opt(
+    level: str = _option(
+        "info",
+        OptionMeta(
             "Lowest level written: `debug`, `info`, `warn` or `error`.",
             choices=("debug", "info", "warn", "error"),
         ),
@@ -170,119 +203,105 @@ class LoggingConfig:
 
 @dataclass(frozen=True)
 class RelayConfig:
-    echo: bool = field(
-        default=True,
-        metadata=_opt(
-            "Deliver each message to its sender too (`false`: everyone else in the room)."
-        ),
+    echo: bool = _option(
+        True,
+        OptionMeta("Deliver each message to its sender too (`false`: everyone else in the room)."),
     )
-    max_message_size: int = field(
-        default=1048576,
-        metadata=_opt(
+    max_message_size: int = _option(
+        1048576,
+        OptionMeta(
             "Largest message accepted, in bytes, after reassembling fragments; a "
             "larger one closes the connection with 1009.",
             min=125,
         ),
     )
-    serve_demo: bool = field(
-        default=False,
-        metadata=_opt(
+    serve_demo: bool = _option(
+        False,
+        OptionMeta(
             "A plain `GET` on the relay port serves the browser chat demo `example/index.html`."
         ),
     )
-    compression: bool = field(
-        default=False,
-        metadata=_opt(
-            "Negotiate permessage-deflate (RFC 7692) with clients that offer it, without context takeover: "
-            "each message of 128 bytes or more is compressed once for all such members of its room."
+    compression: bool = _option(
+        False,
+        OptionMeta(
+            "Negotiate permessage-deflate (RFC 7692) with clients that offer it, without "
+            "context takeover: each message of 128 bytes or more is compressed once for all "
+            "such members of its room."
         ),
     )
 
 
 @dataclass(frozen=True)
 class LimitsConfig:
-    max_connections: int = field(
-        default=0,
-        metadata=_opt(
-            "Most clients connected at once; 0 = unlimited. Further upgrades get 503.",
-            min=0,
+    max_connections: int = _option(
+        0,
+        OptionMeta(
+            "Most clients connected at once; 0 = unlimited. Further upgrades get 503.", min=0
         ),
     )
-    max_request_head: int = field(
-        default=8192,
-        metadata=_opt(
-            "Largest HTTP upgrade request head, in bytes; above it 431.", min=256
-        ),
+    max_request_head: int = _option(
+        8192,
+        OptionMeta("Largest HTTP upgrade request head, in bytes; above it 431.", min=256),
     )
-    max_headers: int = field(
-        default=64,
-        metadata=_opt("Most header lines in the upgrade request; above it 431.", min=8),
+    max_headers: int = _option(
+        64, OptionMeta("Most header lines in the upgrade request; above it 431.", min=8)
     )
-    max_backlog: int = field(
-        default=1048576,
-        metadata=_opt(
-            "Bytes queued for one client that is not reading; above it `slow_client_policy` applies.",
+    max_backlog: int = _option(
+        1048576,
+        OptionMeta(
+            "Bytes queued for one client that is not reading; above it "
+            "`slow_client_policy` applies.",
             min=1024,
         ),
     )
-    slow_client_policy: str = field(
-        default="disconnect",
-        metadata=_opt(
-            "`disconnect`: close the slow client; `drop`: skip messages for it until its backlog drains. "
-            "Both are counted in the metrics.",
+    slow_client_policy: str = _option(
+        "disconnect",
+        OptionMeta(
+            "`disconnect`: close the slow client; `drop`: skip messages for it until its "
+            "backlog drains. Both are counted in the metrics.",
             choices=("disconnect", "drop"),
         ),
     )
-    max_messages_per_second: int = field(
-        default=0,
-        metadata=_opt(
-            "Messages one connection may send per second; 0 = unlimited.", min=0
-        ),
+    max_messages_per_second: int = _option(
+        0, OptionMeta("Messages one connection may send per second; 0 = unlimited.", min=0)
     )
-    allowed_origins: _Origins = field(
-        default=(),
-        metadata=_opt(
+    allowed_origins: tuple[str, ...] = _option(
+        (),
+        OptionMeta(
             'Browser origins allowed to connect, e.g. `["https://chat.example.com"]`; '
             "empty = any. Other origins get 403. Lower-cased when loaded, to match "
             "what browsers send.",
-            item_check=_check_origin,
             lower=True,
+            item_check=_check_origin,
         ),
     )
 
 
 @dataclass(frozen=True)
 class TimeoutsConfig:
-    handshake: float = field(
-        default=10.0,
-        metadata=_opt("Seconds a client has to complete the HTTP upgrade.", above=0),
+    handshake: float = _option(
+        10.0, OptionMeta("Seconds a client has to complete the HTTP upgrade.", above=0)
     )
-    shutdown: float = field(
-        default=10.0,
-        metadata=_opt(
-            "Seconds to wait on SIGINT/SIGTERM for clients to answer the 1001 close.",
-            above=0,
+    shutdown: float = _option(
+        10.0,
+        OptionMeta(
+            "Seconds to wait on SIGINT/SIGTERM for clients to answer the 1001 close.", above=0
         ),
     )
-    close: float = field(
-        default=5.0,
-        metadata=_opt(
+    close: float = _option(
+        5.0,
+        OptionMeta(
             "Seconds to wait for the peer's close frame before dropping the connection.",
             above=0,
         ),
     )
-    ping_interval: float = field(
-        default=20.0,
-        metadata=_opt(
-            "Seconds between keepalive pings to an idle client; 0 disables pings.",
-            min=0,
-        ),
+    ping_interval: float = _option(
+        20.0,
+        OptionMeta("Seconds between keepalive pings to an idle client; 0 disables pings.", min=0),
     )
-    ping_timeout: float = field(
-        default=20.0,
-        metadata=_opt(
-            "Seconds to wait for the pong before closing the connection.", above=0
-        ),
+    ping_timeout: float = _option(
+        20.0,
+        OptionMeta("Seconds to wait for the pong before closing the connection.", above=0),
     )
 
 
@@ -299,60 +318,31 @@ class Config:
 # --- schema introspection (shared by the loader, the docs and the tests) ---
 
 
-class FieldInfo(NamedTuple):
-    key: str  # dotted, e.g. "server.tls.cert_file"
-    type: Any  # bool, int, float, str or tuple[str, ...]
-    default: Any
-    meta: dict[str, Any]
-
-
-def _is_section(tp: Any) -> bool:
-    return dataclasses.is_dataclass(tp)
-
-
-def _fields(cls: type) -> list[tuple[str, Any, dataclasses.Field[Any]]]:
+def _fields(cls: type[DataclassInstance]) -> list[tuple[dataclasses.Field[Any], Any]]:
+    """Each field of a section with its resolved annotation."""
     hints = get_type_hints(cls)
-    return [(f.name, hints[f.name], f) for f in dataclasses.fields(cls)]
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls)]
 
 
-def _default(f: dataclasses.Field[Any]) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    factory: Callable[[], Any] = f.default_factory  # type: ignore[assignment]
-    return factory()
+def _is_section(annotation: Any) -> bool:
+    return dataclasses.is_dataclass(annotation)
 
 
-def iter_fields(cls: type = Config, prefix: str = "") -> Iterator[FieldInfo]:
+def _option_of(f: dataclasses.Field[Any], annotation: Any, prefix: str) -> Option:
+    meta = f.metadata.get(_META)
+    if not isinstance(meta, OptionMeta) or f.default is dataclasses.MISSING:
+        # A mistake in the schema above, not in the user's file.
+        raise TypeError(f"{prefix}{f.name}: declare leaf keys with _option()")
+    return Option(f"{prefix}{f.name}", _KINDS[annotation], f.default, meta)
+
+
+def iter_options(cls: type[DataclassInstance] = Config, prefix: str = "") -> Iterator[Option]:
     """Every leaf key of the schema, in declaration order."""
-    for name, tp, f in _fields(cls):
-        if _is_section(tp):
-            yield from iter_fields(tp, f"{prefix}{name}.")
+    for f, annotation in _fields(cls):
+        if _is_section(annotation):
+            yield from iter_options(annotation, f"{prefix}{f.name}.")
         else:
-            yield FieldInfo(f"{prefix}{name}", tp, _default(f), dict(f.metadata))
-
-
-def type_name(tp: Any) -> str:
-    """How a schema type is named to users."""
-    if tp == _Origins:
-        return "list of strings"
-    return {bool: "boolean", int: "integer", float: "number", str: "string"}[tp]
-
-
-def constraint_text(info: FieldInfo) -> str:
-    """The allowed values of a key, in words ('' when any value of its type is)."""
-    m = info.meta
-    if m["choices"]:
-        return ", ".join(m["choices"])
-    parts = []
-    if m["min"] is not None and m["max"] is not None:
-        parts.append(f"{m['min']}..{m['max']}")
-    elif m["min"] is not None:
-        parts.append(f">= {m['min']}")
-    if m["above"] is not None:
-        parts.append(f"> {m['above']}")
-    if m["nonempty"]:
-        parts.append("not empty")
-    return ", ".join(parts)
+            yield _option_of(f, annotation, prefix)
 
 
 # --- loading ---
@@ -380,11 +370,12 @@ def load_config(path: str | None = None) -> Config:
     if data is None:  # an empty or comments-only file means "all defaults"
         data = {}
     if not isinstance(data, dict):
+        sections = ", ".join(f.name for f in dataclasses.fields(Config))
         raise ConfigError(
-            f"{source}: the top level must be a mapping of sections "
-            f"({', '.join(n for n, _, _ in _fields(Config))}), got {_describe(data)}"
+            f"{source}: the top level must be a mapping of sections ({sections}), "
+            f"got {_describe(data)}"
         )
-    cfg: Config = loader.build(Config, data, "")
+    cfg = loader.build(Config, data, "")
     loader.check_cross_fields(cfg)
     return cfg
 
@@ -394,9 +385,7 @@ def _read(path: str) -> str:
         with open(path, encoding="utf-8") as f:
             return f.read()
     except OSError as e:
-        raise ConfigError(
-            f"cannot read config file '{path}': {e.strerror or e}"
-        ) from None
+        raise ConfigError(f"cannot read config file '{path}': {e.strerror or e}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
 
@@ -408,9 +397,7 @@ class _StrictYAMLLoader(yaml.SafeLoader):
     taking the second value hides it.
     """
 
-    def construct_mapping(
-        self, node: yaml.MappingNode, deep: bool = False
-    ) -> dict[Any, Any]:
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
@@ -428,7 +415,7 @@ class _StrictYAMLLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _parse(path: str, text: str) -> tuple[Any, dict[str, int]]:
+def _parse(path: str, text: str) -> tuple[object, dict[str, int]]:
     """Parse YAML; return the data and the line of every dotted key."""
     loader = _StrictYAMLLoader(text)
     try:
@@ -448,7 +435,7 @@ def _parse(path: str, text: str) -> tuple[Any, dict[str, int]]:
     return data, lines
 
 
-def _index_lines(node: Any, prefix: str, out: dict[str, int]) -> None:
+def _index_lines(node: yaml.Node | None, prefix: str, out: dict[str, int]) -> None:
     # Error messages name the line of the offending key; the composed node
     # tree is the only place PyYAML keeps positions.
     if not isinstance(node, yaml.MappingNode):
@@ -460,7 +447,7 @@ def _index_lines(node: Any, prefix: str, out: dict[str, int]) -> None:
             _index_lines(value_node, f"{key}.", out)
 
 
-def _describe(value: Any) -> str:
+def _describe(value: object) -> str:
     """Name a YAML value's type (and value) for an error message."""
     if value is None:
         return "nothing (null)"
@@ -496,34 +483,32 @@ class _Loader:
         where = f"{self.source}:{line}" if line else self.source
         return ConfigError(f"{where}: {key}: {problem}")
 
-    def build(self, cls: type, data: dict[Any, Any], prefix: str) -> Any:
-        fields = {name: (tp, f) for name, tp, f in _fields(cls)}
+    def build(self, cls: type[_Section], data: Mapping[Any, object], prefix: str) -> _Section:
+        fields = {f.name: (f, annotation) for f, annotation in _fields(cls)}
         for key in data:
             if key not in fields:
                 raise self.unknown_key(prefix, key, list(fields))
-        kwargs = {}
-        for name, (tp, f) in fields.items():
+        values: dict[str, object] = {}
+        for name, (f, annotation) in fields.items():
             key = f"{prefix}{name}"
-            if _is_section(tp):
+            if _is_section(annotation):
                 # Absent or empty (every key commented out): all defaults,
                 # still built here so default file paths get resolved too.
-                value = data.get(name)
-                if value is None:
-                    value = {}
-                if not isinstance(value, dict):
-                    raise self.error(
-                        key, f"expected a mapping of keys, got {_describe(value)}"
-                    )
-                kwargs[name] = self.build(tp, value, f"{key}.")
-            elif name in data:
-                kwargs[name] = self.leaf(
-                    FieldInfo(key, tp, _default(f), dict(f.metadata)), data[name]
-                )
-            elif f.metadata["path"]:
-                kwargs[name] = self.resolve_path(_default(f))
-        return cls(**kwargs)
+                section = data.get(name)
+                if section is None:
+                    section = {}
+                if not isinstance(section, dict):
+                    raise self.error(key, f"expected a mapping of keys, got {_describe(section)}")
+                values[name] = self.build(annotation, section, f"{key}.")
+                continue
+            option = _option_of(f, annotation, prefix)
+            if name in data:
+                values[name] = self.leaf(option, data[name])
+            elif option.meta.path and isinstance(option.default, str):
+                values[name] = self.resolve_path(option.default)
+        return cls(**values)
 
-    def unknown_key(self, prefix: str, key: Any, known: list[str]) -> ConfigError:
+    def unknown_key(self, prefix: str, key: object, known: list[str]) -> ConfigError:
         dotted = f"{prefix}{key}"
         hint = ""
         if isinstance(key, str):
@@ -536,72 +521,66 @@ class _Loader:
         where = f"{self.source}:{line}" if line else self.source
         return ConfigError(f"{where}: unknown key '{dotted}'{hint}")
 
-    def leaf(self, info: FieldInfo, value: Any) -> Any:
-        value = self.check_type(info, value)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise self.error(info.key, f"expected a finite number, got {value}")
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            self.check_range(info, value)
-        if isinstance(value, str):
-            value = self.check_string(info, value)
-        if isinstance(value, tuple):
-            value = tuple(self.check_string(info, item) for item in value)
-        return value
+    def leaf(self, option: Option, value: object) -> OptionValue:
+        checked = self.check_type(option, value)
+        if isinstance(checked, float) and not math.isfinite(checked):
+            raise self.error(option.key, f"expected a finite number, got {checked}")
+        if isinstance(checked, (int, float)) and not isinstance(checked, bool):
+            self.check_range(option, checked)
+        if isinstance(checked, str):
+            return self.check_string(option, checked)
+        if isinstance(checked, tuple):
+            return tuple(self.check_string(option, item) for item in checked)
+        return checked
 
-    def check_type(self, info: FieldInfo, value: Any) -> Any:
-        tp = info.type
+    def check_type(self, option: Option, value: object) -> OptionValue:
+        kind = option.kind
+        if kind == "boolean" and isinstance(value, bool):
+            return value
         # bool is a subclass of int in Python; `port: true` is still a mistake.
-        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if tp is bool and isinstance(value, bool):
+        if not isinstance(value, bool):
+            if kind == "integer" and isinstance(value, int):
+                return value
+            if kind == "number" and isinstance(value, (int, float)):
+                return float(value)
+        if kind == "string" and isinstance(value, str):
             return value
-        if tp is int and is_number and isinstance(value, int):
-            return value
-        if tp is float and is_number:
-            return float(value)
-        if tp is str and isinstance(value, str):
-            return value
-        if tp == _Origins and isinstance(value, list):
+        if kind == "list of strings" and isinstance(value, list):
             for i, item in enumerate(value):
                 if not isinstance(item, str):
                     raise self.error(
-                        info.key,
-                        f"item {i + 1}: expected a string, got {_describe(item)}",
+                        option.key, f"item {i + 1}: expected a string, got {_describe(item)}"
                     )
             return tuple(value)
-        raise self.error(
-            info.key, f"expected {_article(type_name(tp))}, got {_describe(value)}"
-        )
+        raise self.error(option.key, f"expected {_article(kind)}, got {_describe(value)}")
 
-    def check_range(self, info: FieldInfo, value: float) -> None:
-        m = info.meta
-        low, high, above = m["min"], m["max"], m["above"]
+    def check_range(self, option: Option, value: float) -> None:
+        meta = option.meta
         if (
-            (low is not None and value < low)
-            or (high is not None and value > high)
-            or (above is not None and value <= above)
+            (meta.min is not None and value < meta.min)
+            or (meta.max is not None and value > meta.max)
+            or (meta.above is not None and value <= meta.above)
         ):
-            raise self.error(
-                info.key, f"{value} is out of range (allowed: {constraint_text(info)})"
-            )
+            raise self.error(option.key, f"{value} is out of range (allowed: {meta.allowed()})")
 
-    def check_string(self, info: FieldInfo, value: str) -> str:
-        m = info.meta
-        if m["lower"]:
+    def check_string(self, option: Option, value: str) -> str:
+        meta = option.meta
+        if meta.lower:
             value = value.lower()
-        if m["nonempty"] and not value.strip():
-            raise self.error(info.key, "must not be empty")
-        if m["choices"] and value not in m["choices"]:
-            close = difflib.get_close_matches(value, m["choices"], n=1)
+        if meta.nonempty and not value.strip():
+            raise self.error(option.key, "must not be empty")
+        if meta.choices and value not in meta.choices:
+            close = difflib.get_close_matches(value, meta.choices, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise self.error(
-                info.key,
-                f"unknown value '{value}' (expected one of: {', '.join(m['choices'])}{hint})",
+                option.key,
+                f"unknown value '{value}' (expected one of: {', '.join(meta.choices)}{hint})",
             )
-        if m["item_check"]:
-            problem = m["item_check"](value)
+        if meta.item_check:
+            problem = meta.item_check(value)
             if problem:
-                raise self.error(info.key, f"'{value}': {problem}")
-        if m["path"]:
+                raise self.error(option.key, f"'{value}': {problem}")
+        if meta.path:
             value = self.resolve_path(value)
         return value
 
@@ -621,63 +600,12 @@ class _Loader:
                 f"{cfg.metrics.port} is also server.port; the two listeners need different ports",
             )
         if cfg.server.tls.enabled:
-            self.check_tls(cfg.server.tls)
-
-    def check_tls(self, tls: TLSConfig) -> None:
-        # Open both files first so a missing one is reported by its key name
-        # rather than as an opaque SSL error.
-        for key, path in (
-            ("server.tls.cert_file", tls.cert_file),
-            ("server.tls.key_file", tls.key_file),
-        ):
+            # The context is built again by the server; loading it here makes
+            # a bad certificate or key a config error, reported before listening.
             try:
-                with open(path, "rb"):
-                    pass
-            except OSError as e:
-                raise self.error(
-                    key, f"cannot read '{path}': {e.strerror or e}"
-                ) from None
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        try:
-            # Without a password callback OpenSSL would prompt on the
-            # terminal for an encrypted key and hang a service.
-            ctx.load_cert_chain(tls.cert_file, tls.key_file, password=_no_password)
-        except _EncryptedKey:
-            raise self.error(
-                "server.tls.key_file",
-                f"'{tls.key_file}' is encrypted; fastrelay needs an unencrypted key",
-            ) from None
-        except ssl.SSLError as e:
-            raise self.tls_error(tls, e) from None
-
-    def tls_error(self, tls: TLSConfig, e: ssl.SSLError) -> ConfigError:
-        if "KEY_VALUES_MISMATCH" in str(e):
-            return self.error(
-                "server.tls.key_file",
-                f"'{tls.key_file}' is not the private key of '{tls.cert_file}'",
-            )
-        # Tell which file is bad: the certificate parses on its own or not.
-        try:
-            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(
-                cafile=tls.cert_file
-            )
-        except ssl.SSLError:
-            return self.error(
-                "server.tls.cert_file",
-                f"'{tls.cert_file}' is not a PEM certificate ({e.reason or e})",
-            )
-        return self.error(
-            "server.tls.key_file",
-            f"'{tls.key_file}' is not a PEM private key ({e.reason or e})",
-        )
-
-
-class _EncryptedKey(Exception):
-    pass
-
-
-def _no_password() -> bytes:
-    raise _EncryptedKey
+                server_context(cfg.server.tls)
+            except TLSFileError as e:
+                raise self.error(f"server.tls.{e.option}", e.problem) from None
 
 
 _WILDCARDS = ("0.0.0.0", "::", "")

@@ -19,9 +19,22 @@ REPO = Path(__file__).resolve().parent.parent
 def test_quick_benchmark_runs_and_verifies(tmp_path):
     out = tmp_path / "quick.json"
     done = subprocess.run(
-        [sys.executable, "bench/run.py", "--quick", "--servers", "fastrelay,websockets",
-         "--json", str(out), "--markdown", str(tmp_path / "quick.md")],
-        cwd=REPO, capture_output=True, text=True, timeout=280, check=False,
+        [
+            sys.executable,
+            "bench/run.py",
+            "--quick",
+            "--servers",
+            "fastrelay,websockets",
+            "--json",
+            str(out),
+            "--markdown",
+            str(tmp_path / "quick.md"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     runs = json.loads(out.read_text())["runs"]

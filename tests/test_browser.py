@@ -6,24 +6,20 @@ package (driver only, no browser download): `.ci/install-browser.sh` installs
 both. Without them these tests fail (never skip), so that a green run cannot
 hide a missing browser.
 
-FASTRELAY_CMD (optional) replaces `python -m fastrelay` as the server command,
-e.g. to run the page against another build; it gets `--config-file FILE`.
+The relays are started by tests/relay_process.py (FASTRELAY_CMD there runs
+the page against another build).
 """
+
 from __future__ import annotations
 
 import json
 import os
-import queue
 import re
-import shlex
-import signal
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
+from relay_process import merged
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "artifacts"
@@ -38,12 +34,9 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-LISTENING = re.compile(r"fastrelay listening on (wss?)://(\[[^\]]+\]|[^:/\s]+):(\d+)/")
-START_TIMEOUT = 30.0    # seconds for the server to print its listening line
-STOP_TIMEOUT = 20.0     # SIGTERM -> exit (the graceful shutdown waits up to 10 s)
-OPEN_MS = 10_000        # page reaches "open"
-SEE_MS = 10_000         # a message shows up in a page
-RECONNECT_MS = 45_000   # page is back after a server restart (backoff with jitter)
+OPEN_MS = 10_000  # page reaches "open"
+SEE_MS = 10_000  # a message shows up in a page
+RECONNECT_MS = 45_000  # page is back after a server restart (backoff with jitter)
 
 os.environ.setdefault("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
 
@@ -60,110 +53,13 @@ def _missing_browser(reason: str):
 
 
 # --------------------------------------------------------------------------
-# a real fastrelay process
+# a real fastrelay process (relay_process.py) serving the demo page
+
+DEMO = {"relay": {"serve_demo": True}}
 
 
-class Relay:
-    """`python -m fastrelay --config-file <tmp yaml>` serving the demo page."""
-
-    def __init__(self, workdir: Path, port: int = 0, name: str = "relay"):
-        self.workdir = workdir
-        self.name = name
-        config = workdir / f"{name}.yaml"
-        config.write_text(
-            "server:\n"
-            "  host: 127.0.0.1\n"
-            f"  port: {port}\n"
-            "metrics:\n"
-            "  enabled: false\n"
-            "relay:\n"
-            "  serve_demo: true\n"
-        )
-        cmd = shlex.split(os.environ.get("FASTRELAY_CMD", "")) or [sys.executable, "-m", "fastrelay"]
-        self.stderr_path = workdir / f"{name}.stderr"
-        self._stderr = open(self.stderr_path, "wb")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(
-            [*cmd, "--config-file", str(config)],
-            cwd=REPO,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            text=True,
-        )
-        self.stdout_lines: list[str] = []
-        self._lines: queue.Queue = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-        self.port = self._wait_listening()
-        self.http_url = f"http://127.0.0.1:{self.port}/"
-        self.ws_url = f"ws://127.0.0.1:{self.port}/"
-
-    def _pump(self):
-        # Reads stdout to the end so the server can never block on a full pipe.
-        for line in self.proc.stdout:
-            self.stdout_lines.append(line)
-            self._lines.put(line)
-        self._lines.put(None)
-
-    def output(self) -> str:
-        self._stderr.flush()
-        return (
-            f"--- {self.name} stdout ---\n{''.join(self.stdout_lines)}"
-            f"--- {self.name} stderr ---\n{self.stderr_path.read_text(errors='replace')}"
-        )
-
-    def _wait_listening(self) -> int:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                self.kill()
-                pytest.fail(f"{self.name} printed no listening line in {START_TIMEOUT}s\n{self.output()}")
-            try:
-                line = self._lines.get(timeout=left)
-            except queue.Empty:
-                continue
-            if line is None:
-                code = self.proc.wait()
-                pytest.fail(f"{self.name} exited ({code}) before listening\n{self.output()}")
-            m = LISTENING.search(line)
-            if m:
-                return int(m.group(3))
-
-    def stop(self) -> int:
-        """SIGTERM, then wait for the exit; returns the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            pytest.fail(f"{self.name} still running {STOP_TIMEOUT}s after SIGTERM\n{self.output()}")
-        self._stderr.close()
-        return code
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        if not self._stderr.closed:
-            self._stderr.close()
-
-
-@pytest.fixture
-def relays(tmp_path):
-    """Starts relays on demand; whatever is still running at the end is killed."""
-    started: list[Relay] = []
-
-    def start(port: int = 0) -> Relay:
-        relay = Relay(tmp_path, port=port, name=f"relay{len(started) + 1}")
-        started.append(relay)
-        return relay
-
-    yield start
-    for relay in started:
-        relay.kill()
+def page_url(relay) -> str:
+    return f"http://127.0.0.1:{relay.port}/"
 
 
 # --------------------------------------------------------------------------
@@ -240,13 +136,13 @@ def sees(page, token: str, nick: str | None = None, text: str | None = None):
 
 
 @pytest.mark.timeout(120)
-def test_two_tabs_chat_rooms_injection_and_restart(relays, open_page):
-    relay = relays()
+def test_two_tabs_chat_rooms_injection_and_restart(relay_factory, open_page):
+    relay = relay_factory(DEMO)
     port = relay.port
 
-    alice = open_page(relay.http_url)
-    bob = open_page(relay.http_url)
-    carol = open_page(relay.http_url)
+    alice = open_page(page_url(relay))
+    bob = open_page(page_url(relay))
+    carol = open_page(page_url(relay))
     # Served by the relay, the page points at the relay itself.
     expect(alice.locator("#url")).to_have_value(f"ws://127.0.0.1:{port}/")
     expect(alice.locator("#state")).to_have_attribute("data-state", "closed")
@@ -288,17 +184,23 @@ def test_two_tabs_chat_rooms_injection_and_restart(relays, open_page):
     code = relay.stop()
     assert code == 0, f"fastrelay exited {code} on SIGTERM\n{relay.output()}"
     for page in (alice, bob, carol):
-        expect(page.locator("#state")).to_have_attribute("data-state", "reconnecting", timeout=SEE_MS)
+        expect(page.locator("#state")).to_have_attribute(
+            "data-state", "reconnecting", timeout=SEE_MS
+        )
         expect(page.locator("#state")).to_have_text(re.compile(r"^reconnecting in \d+s$"))
-        expect(page.locator("#messages li.system").filter(has_text="disconnected (")).to_have_count(1)
+        expect(page.locator("#messages li.system").filter(has_text="disconnected (")).to_have_count(
+            1
+        )
         expect(page.locator("#send")).to_be_disabled()
 
     # A new server on the same port: the pages rejoin their rooms by themselves.
-    relay2 = relays(port=port)
+    relay2 = relay_factory(merged(DEMO, {"server": {"port": port}}))
     assert relay2.port == port
     for page in (alice, bob, carol):
         expect(page.locator("#state")).to_have_attribute("data-state", "open", timeout=RECONNECT_MS)
-        expect(page.locator("#messages li.system").filter(has_text="reconnected to ")).to_have_count(1)
+        expect(
+            page.locator("#messages li.system").filter(has_text="reconnected to ")
+        ).to_have_count(1)
 
     say(bob, "back again #b2")
     say(alice, "welcome back #a3")
@@ -319,21 +221,28 @@ def test_two_tabs_chat_rooms_injection_and_restart(relays, open_page):
 
 
 @pytest.mark.timeout(120)
-def test_page_shows_foreign_frames_and_sends_the_documented_shape(relays, open_page):
+def test_page_shows_foreign_frames_and_sends_the_documented_shape(relay_factory, open_page):
     from websockets.sync.client import connect
 
-    relay = relays()
-    page = open_page(relay.http_url)
+    relay = relay_factory(DEMO)
+    page = open_page(page_url(relay))
     join(page, "/odd", "dora")
 
-    with connect(relay.ws_url + "odd", open_timeout=10, close_timeout=5) as peer:
+    with connect(relay.url + "odd", open_timeout=10, close_timeout=5) as peer:
         peer.send("plain words, not JSON #t1")
         peer.send('{"foo": 1, "tag": "#t2"}')
         peer.send('["#t3", 2]')
         peer.send('{"nick": 5, "text": "wrong nick type #t4"}')
         peer.send(b"\x00\x01\x02\xff binary!")  # 12 bytes
-        peer.send(json.dumps({"nick": "<i>mallory</i>", "text": "<script>window.__pwned=2</script> #t5",
-                              "ts": 1_700_000_000_000}))
+        peer.send(
+            json.dumps(
+                {
+                    "nick": "<i>mallory</i>",
+                    "text": "<script>window.__pwned=2</script> #t5",
+                    "ts": 1_700_000_000_000,
+                }
+            )
+        )
         peer.send(json.dumps({"text": "no nick, no ts #t6"}))
 
         raw = page.locator("#messages li.raw")
@@ -363,21 +272,24 @@ def test_page_shows_foreign_frames_and_sends_the_documented_shape(relays, open_p
         data = json.loads(frame)
         assert set(data) == {"nick", "text", "ts"}
         assert data["nick"] == "dora" and data["text"] == "all fine #t7"
-        assert isinstance(data["ts"], int) and before - 5_000 <= data["ts"] <= time.time() * 1000 + 5_000
+        assert (
+            isinstance(data["ts"], int)
+            and before - 5_000 <= data["ts"] <= time.time() * 1000 + 5_000
+        )
 
     expect(page.locator("#state")).to_have_attribute("data-state", "open")
-    relay.stop()
+    assert relay.stop() == 0, relay.output()
 
 
 @pytest.mark.timeout(60)
-def test_relay_serves_the_page_on_any_path(relays, open_page):
-    relay = relays()
-    page = open_page(relay.http_url)
+def test_relay_serves_the_page_on_any_path(relay_factory, open_page):
+    relay = relay_factory(DEMO)
+    page = open_page(page_url(relay))
     # goto() returned: check what came back for another path too.
-    response = page.goto(relay.http_url + "team-room?x=1")
+    response = page.goto(page_url(relay) + "team-room?x=1")
     assert response is not None and response.status == 200
     assert response.headers.get("content-type", "").startswith("text/html")
-    expect(page.locator("#url")).to_have_value(relay.ws_url)
+    expect(page.locator("#url")).to_have_value(relay.url)
     # Opened on a path, the page offers that path as the room.
     expect(page.locator("#room")).to_have_value("/team-room")
     page.click("#connect")
@@ -386,4 +298,4 @@ def test_relay_serves_the_page_on_any_path(relays, open_page):
     page.click("#connect")
     expect(page.locator("#state")).to_have_attribute("data-state", "closed")
     expect(page.locator("#state")).to_have_text("closed")
-    relay.stop()
+    assert relay.stop() == 0, relay.output()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,8 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 
 import fastrelay.config as config_module
-from fastrelay.config import Config, ConfigError, iter_fields, load_config
+from fastrelay.config import Config, ConfigError, OptionMeta, TLSConfig, iter_options, load_config
+from fastrelay.tls import TLSFileError, server_context
 
 # The directory holding the imported fastrelay package: the checkout, or
 # site-packages when testing an installed wheel. Not resolved, so the
@@ -32,9 +34,7 @@ def fastrelay_process(
     *args: str, cwd: Path, timeout: float = 30
 ) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")])
-    )
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
     return subprocess.run(
         [sys.executable, "-m", "fastrelay", *args],
         check=False,  # the exit code is what is being tested
@@ -93,7 +93,7 @@ def test_config_example_lists_every_key_with_its_default():
     raw = flatten(yaml.safe_load((REPO / "config.example.yaml").read_text()))
     expected = {
         f.key: list(f.default) if isinstance(f.default, tuple) else f.default
-        for f in iter_fields()
+        for f in iter_options()
     }
     assert raw == expected
 
@@ -123,16 +123,40 @@ def test_readme_config_table_matches_the_schema():
     )
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
-    docs = [
-        p
-        for p in (REPO / "README.md",)
-        if p.exists() and gen.START in p.read_text()
-    ]
+    docs = [p for p in (REPO / "README.md",) if p.exists() and gen.START in p.read_text()]
     assert docs, "no document carries the generated config table"
     for doc in docs:
         assert gen.update(doc.read_text()) == doc.read_text(), (
             f"{doc.name} is stale: run python docs/gen_config_table.py"
         )
+
+
+# The Python type a loaded value of each kind has; `type(...) is` keeps a
+# boolean default from passing for an integer one.
+KIND_TYPES = {
+    "boolean": bool,
+    "integer": int,
+    "number": float,
+    "string": str,
+    "list of strings": tuple,
+}
+
+
+def test_every_option_has_help_and_a_default_of_its_kind():
+    options = list(iter_options())
+    assert len({o.key for o in options}) == len(options)
+    for option in options:
+        assert isinstance(option.meta, OptionMeta), option.key
+        assert option.meta.help.strip(), option.key
+        assert type(option.default) is KIND_TYPES[option.kind], option.key
+
+
+def test_option_metadata_is_frozen():
+    option = next(iter_options())
+    with pytest.raises(AttributeError):
+        option.meta.help = "changed"  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        option.default = 1  # type: ignore[misc]
 
 
 # --- defaults and valid values ---
@@ -207,9 +231,7 @@ def test_empty_file_and_empty_sections_mean_defaults(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("value", ["0", "false", "''", "[]"])
 def test_falsy_section_is_not_taken_for_empty(tmp_path, value):
-    assert "server: expected a mapping of keys" in error_of(
-        tmp_path, f"server: {value}\n"
-    )
+    assert "server: expected a mapping of keys" in error_of(tmp_path, f"server: {value}\n")
 
 
 def test_port_zero_is_allowed(tmp_path):
@@ -234,13 +256,8 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path):
     )
     assert cfg.logging.output == str(sub / "relay.log")
     assert cfg.server.tls.cert_file == "/abs/c.pem"
-    assert cfg.server.tls.key_file == str(
-        sub / "key.pem"
-    )  # a default is a relative path too
-    assert (
-        load_config(write(sub, "logging: {output: stdout}\n")).logging.output
-        == "stdout"
-    )
+    assert cfg.server.tls.key_file == str(sub / "key.pem")  # a default is a relative path too
+    assert load_config(write(sub, "logging: {output: stdout}\n")).logging.output == "stdout"
 
 
 def test_allowed_origins_become_a_lowercase_tuple(tmp_path):
@@ -407,9 +424,7 @@ def test_missing_file(tmp_path):
 
 def test_unreadable_file(tmp_path):
     # A directory cannot be read as a file, even by root (unlike chmod 000).
-    with pytest.raises(
-        ConfigError, match=r"cannot read config file '.*': Is a directory"
-    ):
+    with pytest.raises(ConfigError, match=r"cannot read config file '.*': Is a directory"):
         load_config(str(tmp_path))
 
 
@@ -427,9 +442,7 @@ def test_invalid_yaml_names_line_and_column(tmp_path):
 
 def test_duplicate_key_is_an_error(tmp_path):
     message = error_of(tmp_path, "server:\n  port: 1\n  port: 2\n")
-    assert (
-        message == f"{tmp_path / 'config.yaml'}:3:3: invalid YAML: duplicate key 'port'"
-    )
+    assert message == f"{tmp_path / 'config.yaml'}:3:3: invalid YAML: duplicate key 'port'"
 
 
 @pytest.mark.parametrize(
@@ -442,9 +455,8 @@ def test_duplicate_key_is_an_error(tmp_path):
 )
 def test_top_level_not_a_mapping(tmp_path, text, got):
     message = error_of(tmp_path, text)
-    assert (
-        "the top level must be a mapping of sections" in message
-        and message.endswith(f"got {got}")
+    assert "the top level must be a mapping of sections" in message and message.endswith(
+        f"got {got}"
     )
 
 
@@ -461,9 +473,7 @@ def pems(tmp_path_factory):
     cert.cert_chain_pems[0].write_to_path(str(d / "cert.pem"))
     cert.private_key_pem.write_to_path(str(d / "key.pem"))
     other.private_key_pem.write_to_path(str(d / "other-key.pem"))
-    key = serialization.load_pem_private_key(
-        cert.private_key_pem.bytes(), password=None
-    )
+    key = serialization.load_pem_private_key(cert.private_key_pem.bytes(), password=None)
     (d / "encrypted-key.pem").write_bytes(
         key.private_bytes(
             serialization.Encoding.PEM,
@@ -472,6 +482,7 @@ def pems(tmp_path_factory):
         )
     )
     (d / "garbage.pem").write_text("not a pem file\n")
+    ca.cert_pem.write_to_path(str(d / "ca.pem"))
     return d
 
 
@@ -534,10 +545,50 @@ def test_tls_key_that_is_not_pem(tmp_path, pems):
 
 def test_tls_encrypted_key_is_refused_without_prompting(tmp_path, pems):
     # Without a password callback OpenSSL would prompt on the terminal.
-    message = error_of(
-        tmp_path, tls_yaml(pems / "cert.pem", pems / "encrypted-key.pem")
-    )
+    message = error_of(tmp_path, tls_yaml(pems / "cert.pem", pems / "encrypted-key.pem"))
     assert "server.tls.key_file: " in message and "is encrypted" in message
+
+
+def tls_handshake(server: ssl.SSLContext, client: ssl.SSLContext) -> ssl.SSLObject:
+    """Run a real TLS handshake between two contexts through memory buffers;
+    return the client's end."""
+    to_server, to_client = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client_end = client.wrap_bio(to_client, to_server, server_hostname="localhost")
+    server_end = server.wrap_bio(to_server, to_client, server_side=True)
+    # Each side's output is the other's input, so writes need no shuttling.
+    pending = [client_end, server_end]
+    for _ in range(8):  # TLS 1.2 takes 2 round trips; bounded all the same
+        for end in list(pending):
+            try:
+                end.do_handshake()
+                pending.remove(end)
+            except ssl.SSLWantReadError:
+                pass
+        if not pending:
+            return client_end
+    raise AssertionError("the TLS handshake did not finish")
+
+
+def test_server_context_completes_a_handshake(pems):
+    server = server_context(
+        TLSConfig(enabled=True, cert_file=str(pems / "cert.pem"), key_file=str(pems / "key.pem"))
+    )
+    client = ssl.create_default_context(cafile=str(pems / "ca.pem"))
+    client_end = tls_handshake(server, client)
+    assert client_end.version() in ("TLSv1.2", "TLSv1.3")
+    assert ("DNS", "localhost") in client_end.getpeercert()["subjectAltName"]
+
+
+def test_server_context_names_the_file_at_fault(pems):
+    mismatched = TLSConfig(
+        enabled=True, cert_file=str(pems / "cert.pem"), key_file=str(pems / "other-key.pem")
+    )
+    with pytest.raises(TLSFileError) as info:
+        server_context(mismatched)
+    assert info.value.option == "key_file"
+    assert info.value.problem == (
+        f"'{pems / 'other-key.pem'}' is not the private key of '{pems / 'cert.pem'}'"
+    )
 
 
 # --- the same errors as the user sees them: the real process ---
@@ -571,9 +622,7 @@ PROCESS_CASES = {
 }
 
 
-def assert_one_error_line(
-    result: subprocess.CompletedProcess[str], expected: str
-) -> None:
+def assert_one_error_line(result: subprocess.CompletedProcess[str], expected: str) -> None:
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     lines = result.stderr.splitlines()
@@ -587,16 +636,12 @@ def assert_one_error_line(
 def test_process_exits_2_with_one_line(tmp_path, case):
     text, expected = PROCESS_CASES[case]
     write(tmp_path, text, "bad.yaml")
-    assert_one_error_line(
-        fastrelay_process("--config-file", "bad.yaml", cwd=tmp_path), expected
-    )
+    assert_one_error_line(fastrelay_process("--config-file", "bad.yaml", cwd=tmp_path), expected)
 
 
 def test_process_missing_config_file(tmp_path):
     result = fastrelay_process("--config-file", "nope.yaml", cwd=tmp_path)
-    assert_one_error_line(
-        result, "cannot read config file 'nope.yaml': No such file or directory"
-    )
+    assert_one_error_line(result, "cannot read config file 'nope.yaml': No such file or directory")
 
 
 def test_process_tls_mismatch(tmp_path, pems):

@@ -3,10 +3,12 @@
 Each message is encoded once and written to every member with send_frame(),
 which skips the per-member str.encode() that send_str() would do.
 """
+
 from __future__ import annotations
 
-import uvloop
-from _common import announce, parse_args, raise_nofile_limit, room_of, stop_on_signal
+import argparse
+
+from _common import Listening, room_of, run_peer
 from aiohttp import WSMsgType, web
 
 TEXT = WSMsgType.TEXT
@@ -46,23 +48,14 @@ async def relay(request: web.Request) -> web.StreamResponse:
     return ws
 
 
-async def main() -> None:
-    args = parse_args(__doc__)
-    raise_nofile_limit()
+async def listen(args: argparse.Namespace) -> Listening:
     app = web.Application()
     app.router.add_get("/{tail:.*}", relay)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, args.host, args.port, backlog=1024)
-    await site.start()
-    port = runner.addresses[0][1]
-    stop = stop_on_signal()
-    announce(args.host, port)
-    try:
-        await stop
-    finally:
-        await runner.cleanup()
+    await web.TCPSite(runner, args.host, args.port, backlog=1024).start()
+    return Listening(runner.addresses[0][1], runner.cleanup)
 
 
 if __name__ == "__main__":
-    uvloop.run(main())
+    run_peer(__doc__, listen)

@@ -1,31 +1,42 @@
 """A deliberately broken relay, to show that the benchmark catches faults.
 
-Same as picows_relay.py, except that every Nth delivery (counted over all
-members) is dropped, duplicated or corrupted, as chosen on the command line.
-`python bench/selfcheck.py` runs the benchmark against it and expects the
-run to fail verification.
+A picows relay like picows_relay.py but simpler (it does not reassemble
+fragmented messages, which the load generator never sends) that drops,
+duplicates or corrupts every Nth delivery, counted over all members, as
+chosen on the command line. `python bench/selfcheck.py` runs the quick
+fan-out against it in each mode and expects verification to fail, then
+with no fault and expects it to pass.
 """
+
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
-import uvloop
-from _common import announce, raise_nofile_limit, room_of, stop_on_signal
+from _common import Listening, room_of, run_peer
 from picows import WSListener, WSMsgType, WSTransport, ws_create_server
 
 rooms: dict[str, dict[WSTransport, None]] = {}
-fault = {"kind": "drop", "every": 0, "count": 0}
+
+
+@dataclass
+class Fault:
+    kind: str = "drop"  # drop | duplicate | corrupt
+    every: int = 0  # the fault hits every Nth delivery; 0: never
+    count: int = 0  # deliveries so far, over all members
+
+
+fault = Fault()
 
 
 def deliver(member: WSTransport, msg_type, payload) -> None:
-    fault["count"] += 1
-    if fault["every"] and fault["count"] % fault["every"] == 0:
-        kind = fault["kind"]
-        if kind == "drop":
+    fault.count += 1
+    if fault.every and fault.count % fault.every == 0:
+        if fault.kind == "drop":
             return
-        if kind == "duplicate":
+        if fault.kind == "duplicate":
             member.send(msg_type, payload)
-        elif kind == "corrupt":
+        elif fault.kind == "corrupt":
             data = bytearray(payload)
             data[len(data) // 2] ^= 0x01
             payload = bytes(data)
@@ -57,25 +68,27 @@ class FaultyListener(WSListener):
                 rooms.pop(self.path, None)
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0)
+def add_fault_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fault", choices=("drop", "duplicate", "corrupt"), default="drop")
-    parser.add_argument("--every", type=int, default=1000,
-                        help="the fault hits every Nth delivery (0: never)")
-    args = parser.parse_args()
-    fault.update(kind=args.fault, every=args.every)
-    raise_nofile_limit()
-    stop = stop_on_signal()
-    server = await ws_create_server(lambda req: FaultyListener(room_of(req.path.decode("latin-1"))),
-                                    args.host, args.port, backlog=1024)
-    announce(args.host, server.sockets[0].getsockname()[1])
-    try:
-        await stop
-    finally:
+    parser.add_argument(
+        "--every", type=int, default=1000, help="the fault hits every Nth delivery (0: never)"
+    )
+
+
+async def listen(args: argparse.Namespace) -> Listening:
+    fault.kind, fault.every = args.fault, args.every
+    server = await ws_create_server(
+        lambda req: FaultyListener(room_of(req.path.decode("latin-1"))),
+        args.host,
+        args.port,
+        backlog=1024,
+    )
+
+    async def close() -> None:
         server.close()
+
+    return Listening(server.sockets[0].getsockname()[1], close)
 
 
 if __name__ == "__main__":
-    uvloop.run(main())
+    run_peer(__doc__, listen, add_fault_arguments)

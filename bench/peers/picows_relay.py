@@ -2,12 +2,15 @@
 
 picows hands every frame to a listener callback; for each complete data
 message the relay loops over the room's transports and calls send(), which
-copies the payload into each transport's own write buffer.
+builds the frame (header and a copy of the payload) in that transport's own
+buffer and writes it at once: one send() system call per delivery.
 """
+
 from __future__ import annotations
 
-import uvloop
-from _common import announce, parse_args, raise_nofile_limit, room_of, stop_on_signal
+import argparse
+
+from _common import Listening, room_of, run_peer
 from picows import WSListener, WSMsgType, WSTransport, ws_create_server
 
 TEXT = WSMsgType.TEXT
@@ -79,19 +82,14 @@ def listener_factory(request) -> RelayListener:
     return RelayListener(room_of(request.path.decode("latin-1")))
 
 
-async def main() -> None:
-    args = parse_args(__doc__)
-    raise_nofile_limit()
-    stop = stop_on_signal()
-    server = await ws_create_server(listener_factory, args.host, args.port,
-                                    backlog=1024)
-    port = server.sockets[0].getsockname()[1]
-    announce(args.host, port)
-    try:
-        await stop
-    finally:
+async def listen(args: argparse.Namespace) -> Listening:
+    server = await ws_create_server(listener_factory, args.host, args.port, backlog=1024)
+
+    async def close() -> None:
         server.close()
+
+    return Listening(server.sockets[0].getsockname()[1], close)
 
 
 if __name__ == "__main__":
-    uvloop.run(main())
+    run_peer(__doc__, listen)

@@ -3,10 +3,12 @@
 Uses `websockets.broadcast()`, the library's recommended fan-out primitive:
 it writes to every connection synchronously without awaiting each one.
 """
+
 from __future__ import annotations
 
-import uvloop
-from _common import announce, parse_args, raise_nofile_limit, room_of, stop_on_signal
+import argparse
+
+from _common import Listening, room_of, run_peer
 from websockets.asyncio.server import broadcast, serve
 
 rooms: dict[str, set] = {}
@@ -29,20 +31,21 @@ async def handler(websocket) -> None:
             rooms.pop(path, None)
 
 
-async def main() -> None:
-    args = parse_args(__doc__)
-    raise_nofile_limit()
-    stop = stop_on_signal()
+async def listen(args: argparse.Namespace) -> Listening:
     # compression=None: fastrelay does not compress by default and the load
     # generator does not offer permessage-deflate; keep the comparison even.
     # max_queue is larger than the default 16 so a burst from a sender's
     # in-flight window does not stall reading every 16 messages.
-    async with serve(handler, args.host, args.port, compression=None,
-                     max_queue=1024, backlog=1024) as server:
-        port = server.sockets[0].getsockname()[1]
-        announce(args.host, port)
-        await stop
+    server = await serve(
+        handler, args.host, args.port, compression=None, max_queue=1024, backlog=1024
+    )
+
+    async def close() -> None:
+        server.close()
+        await server.wait_closed()
+
+    return Listening(server.sockets[0].getsockname()[1], close)
 
 
 if __name__ == "__main__":
-    uvloop.run(main())
+    run_peer(__doc__, listen)

@@ -2,6 +2,7 @@
 # protocol constants shared with Python, and the layout of Room, Hub and
 # Connection, their fields grouped by what they are for.
 
+cimport cython
 from cpython.ref cimport PyObject
 from libc.stdint cimport uint8_t, uint32_t
 
@@ -89,6 +90,9 @@ cdef struct Registry:
     size_t cap
 
 
+# Final: methods are called directly (no vtable) and can be inlined by the
+# C compiler; nothing subclasses it.
+@cython.final
 cdef class Room:
     cdef readonly str name
     cdef Registry members
@@ -98,6 +102,7 @@ cdef class Room:
     cdef void remove(self, Connection c) noexcept
 
 
+@cython.final
 cdef class Hub:
     # Settings.
     cdef object loop
@@ -165,6 +170,7 @@ cdef class Hub:
     cdef void shrink_arena(self) noexcept
 
 
+@cython.final
 cdef class Connection:
     # Place.
     cdef readonly Hub hub
@@ -194,7 +200,7 @@ cdef class Connection:
     cdef int respond_and_close(self, bytes response) except -1
     cdef size_t parse(self, char *data, size_t total) except? 0
     cdef int relay_compressed(self, const char *payload, size_t n) except -1
-    cdef bint over_rate(self) noexcept
+    cdef inline bint over_rate(self) noexcept
     cdef int keep_rest(self, char *data, size_t total, size_t used) except -1
     cdef int append_fragment(self, const uint8_t *payload, size_t n) except -1
     cdef void release_fragments(self) noexcept
@@ -205,7 +211,7 @@ cdef class Connection:
     cdef int leave_room(self) except -1
     cdef int send_control(self, uint8_t opcode, const char *payload, size_t n) except -1
     cdef int send_raw(self, const char *data, size_t n) except -1
-    cdef int append_slice(self, size_t offset, size_t n) except -1
+    cdef inline int append_slice(self, size_t offset, size_t n) except -1
     cdef bint refresh_backlog(self) except -1
     cdef int write_pending(self) except -1
     cdef int queue_rest(self, Py_ssize_t first, size_t skip) except -1

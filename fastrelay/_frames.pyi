@@ -1,64 +1,96 @@
-# Type stub for the compiled codec (fastrelay/_frames.pyx).
+# Type stub for the compiled relay (fastrelay/_frames.pyx; layouts in _frames.pxd).
 import asyncio
-from typing import Any
+import enum
+from typing import Any, Callable, Protocol
 
-STATE_HANDSHAKE: int
-STATE_OPEN: int
-STATE_CLOSING: int
-STATE_CLOSED: int
+class Opcode(enum.IntEnum):
+    CONTINUATION = 0x0
+    TEXT = 0x1
+    BINARY = 0x2
+    CLOSE = 0x8
+    PING = 0x9
+    PONG = 0xA
 
-class FrameError(Exception):
-    code: int
-    reason: str
-    def __init__(self, code: int, reason: str) -> None: ...
+class CloseCode(enum.IntEnum):
+    NORMAL_CLOSURE = 1000
+    GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    NO_STATUS_RECEIVED = 1005
+    ABNORMAL_CLOSURE = 1006
+    INVALID_PAYLOAD_DATA = 1007
+    POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
 
-def encode_frame(opcode: int, payload: bytes, fin: bool = ..., mask: bytes | None = ...) -> bytes: ...
-def validate_utf8(data: bytes) -> bool: ...
+class State(enum.IntEnum):
+    HANDSHAKE = 0
+    OPEN = 1
+    CLOSING = 2
+    CLOSED = 3
 
-class FrameReader:
-    def __init__(self, require_mask: bool = ...) -> None: ...
-    def feed(self, data: bytes) -> list[tuple[bool, int, bytes]]: ...
+class _Gate(Protocol):
+    # Returns a handshake.Incomplete, Accept or Refuse.
+    def decide(self, head: memoryview, scan_from: int, conn: Connection) -> Any: ...
+
+class _EventLike(Protocol):
+    def set(self) -> None: ...
 
 class Room:
     name: str
     def __len__(self) -> int: ...
 
 class Hub:
+    gate: _Gate | None
+    close_log: Callable[[Connection, int, str, bool], None] | None
+    all_gone: _EventLike | None
     rooms: dict[str, Room]
     echo: bool
     max_message_size: int
     max_backlog: int
     drop_slow: bool
     max_rate: int
+    handshake_timeout: float
+    close_timeout: float
+    ping_interval: float
+    ping_timeout: float
+    now: float
     connected: int
+    messages: int
+    deliveries: int
+    protocol_errors: int
+    slow_disconnects: int
+    slow_drops: int
+    clients_count: int
     def __init__(
         self,
-        loop: asyncio.AbstractEventLoop,
+        loop: asyncio.AbstractEventLoop | Any,
+        gate: _Gate | None = ...,
         *,
         echo: bool = ...,
         max_message_size: int = ...,
         max_backlog: int = ...,
         slow_client_policy: str = ...,
         max_messages_per_second: int = ...,
+        handshake_timeout: float = ...,
+        close_timeout: float = ...,
+        ping_interval: float = ...,
+        ping_timeout: float = ...,
     ) -> None: ...
     def counters(self) -> dict[str, Any]: ...
-    def tick(self) -> None: ...
+    def sweep(self, now: float) -> int: ...
+    def close_all(self, code: int, reason: str) -> None: ...
+    def abort_all(self) -> None: ...
     def flush(self) -> None: ...
 
 class Connection(asyncio.BufferedProtocol):
     hub: Hub
     room: Room | None
     transport: Any
-    state: int
+    state: State
     deflate: bool
-    backlog: int
     close_code: int
-    pong_received: bool
+    deadline: float
+    backlog: int
+    peer: str
     def __init__(self, hub: Hub) -> None: ...
-    def accept(self, room_name: str, response: bytes, consumed: int, deflate: bool = ...) -> None: ...
-    def reject(self, response: bytes) -> None: ...
-    def close(self, code: int = ..., reason: str = ...) -> None: ...
     def abort(self) -> None: ...
-    def send_ping(self, payload: bytes = ...) -> None: ...
-    def on_close(self, code: int, reason: str, by_peer: bool) -> None: ...
-    def on_slow_client(self) -> None: ...

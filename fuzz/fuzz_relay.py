@@ -15,6 +15,7 @@ server frames ending in a valid close, is a crash.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from wsraw import check_server_output  # noqa: E402
 with atheris.instrument_imports():
     from fastrelay import handshake
     from fastrelay._frames import Connection, Hub
+    from fastrelay.upgrade import Gate, GateSettings
 
 LIMITS = handshake.Limits(max_head=1024, max_headers=16)
 REQUEST = (b"GET /fuzz HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -58,23 +60,15 @@ class RecordingTransport:
         self.closed = True
 
 
-class FuzzConnection(Connection):
-    def handle_request(self, head):
-        result = handshake.parse_request(head, 0, LIMITS)
-        if isinstance(result, handshake.Accept):
-            self.accept(result.room, result.response, result.consumed)
-
-    def on_close(self, code, reason, by_peer):
-        pass
-
-
 def check_output(out: bytes) -> None:
     assert out.startswith(b"HTTP/1.1 101 ")
     check_server_output(out[out.index(b"\r\n\r\n") + 4:])
 
 
 loop = asyncio.new_event_loop()
-hub = Hub(loop, max_message_size=4096)
+gate = Gate(GateSettings(limits=LIMITS, max_connections=0, demo_page=None),
+            logging.getLogger("fuzz"))
+hub = Hub(loop, gate, max_message_size=4096)
 
 
 def feed(conn: Connection, data: bytes, step: int) -> None:
@@ -99,7 +93,7 @@ def one_input(data: bytes) -> None:
             break
         scan_from = result.scan_from
 
-    conn = FuzzConnection(hub)
+    conn = Connection(hub)
     transport = RecordingTransport()
     conn.connection_made(transport)
     feed(conn, REQUEST + frames, step)

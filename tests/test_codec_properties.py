@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from websockets.frames import Frame, Opcode
 from websockets.streams import StreamReader
 
-from fastrelay._frames import FrameError, FrameReader, encode_frame, validate_utf8
+from fastrelay._testing import FrameError, FrameReader, encode_frame, validate_utf8
 
 DATA_OPCODES = [Opcode.CONT, Opcode.TEXT, Opcode.BINARY]
 CONTROL_OPCODES = [Opcode.CLOSE, Opcode.PING, Opcode.PONG]

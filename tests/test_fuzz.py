@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fastrelay import handshake
-from fastrelay._frames import FrameError, FrameReader
+from fastrelay._testing import FrameError, FrameReader
 from wsraw import check_server_output, frame, handshake_request
 
 VALID_REQUEST = handshake_request("/fuzz")

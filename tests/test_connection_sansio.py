@@ -1,0 +1,422 @@
+"""The compiled Connection and Hub driven without sockets: bytes in through
+the BufferedProtocol hooks, bytes out through a transport that records what
+it is given, time moved by hand. The frame rules, the fan-out's one write
+per member per turn, the close handshake, the slow-client policies and the
+deadlines of the sweep, each checked on the exact bytes.
+
+A transport without a socket makes the connection write through
+`transport.write`, the path TLS connections take; the plain-TCP `sendmsg`
+path is exercised by the end-to-end tests."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import pytest
+
+from fastrelay import handshake
+from fastrelay._frames import CloseCode, Connection, Hub, Opcode, State
+from fastrelay._testing import FrameReader, encode_frame
+from fastrelay.upgrade import Gate, GateSettings
+
+KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+REQUEST = (
+    "GET {room} HTTP/1.1\r\nHost: relay\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    f"Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+class RecordingTransport:
+    """What the connection asks of a transport, recorded."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.buffered = 0  # what get_write_buffer_size() reports
+        self.closed = False
+        self.aborted = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+    def write(self, data: bytes) -> None:
+        assert not (self.closed or self.aborted), "write after close"
+        self.writes.append(bytes(data))
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def take(self) -> bytes:
+        out = b"".join(self.writes)
+        self.writes.clear()
+        return out
+
+
+class ManualLoop:
+    """What the hub asks of an event loop; time moves only when told."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.soon: list[Any] = []
+        self.errors: list[dict[str, Any]] = []
+
+    def time(self) -> float:
+        return self.now
+
+    def call_soon(self, callback: Any, *args: Any) -> None:
+        self.soon.append((callback, args))
+
+    def call_exception_handler(self, context: dict[str, Any]) -> None:
+        self.errors.append(context)
+
+    def run_turn(self) -> None:
+        while self.soon:
+            callback, args = self.soon.pop(0)
+            callback(*args)
+
+
+class Relay:
+    """A hub with the real gate, and helpers to add clients and feed them."""
+
+    def __init__(self, **hub_options: Any) -> None:
+        self.loop = ManualLoop()
+        settings = GateSettings(
+            limits=handshake.Limits(), max_connections=0, demo_page=None
+        )
+        self.gate = Gate(settings, logging.getLogger("test"))
+        options: dict[str, Any] = {
+            "handshake_timeout": 10.0,
+            "close_timeout": 5.0,
+            "ping_interval": 0.0,
+        }
+        options.update(hub_options)
+        self.hub = Hub(self.loop, self.gate, **options)
+
+    def connect(self) -> tuple[Connection, RecordingTransport]:
+        conn = Connection(self.hub)
+        transport = RecordingTransport()
+        conn.connection_made(transport)
+        return conn, transport
+
+    def join(self, room: str = "/r") -> tuple[Connection, RecordingTransport]:
+        conn, transport = self.connect()
+        feed(conn, REQUEST.format(room=room).encode())
+        self.loop.run_turn()
+        assert transport.take().startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+        assert conn.state == State.OPEN
+        return conn, transport
+
+    def sweep(self, seconds: float) -> int:
+        self.loop.now += seconds
+        timed_out: int = self.hub.sweep(self.loop.now)
+        self.loop.run_turn()
+        return timed_out
+
+
+def feed(conn: Connection, data: bytes, step: int = 0) -> None:
+    """Deliver data as the event loop would, in reads of `step` bytes (all
+    at once when 0)."""
+    step = step or len(data) or 1
+    for start in range(0, len(data), step):
+        chunk = data[start : start + step]
+        buffer = conn.get_buffer(len(chunk))
+        buffer[: len(chunk)] = chunk
+        conn.buffer_updated(len(chunk))
+
+
+def client_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    return encode_frame(opcode, payload, fin, mask=os.urandom(4))
+
+
+def frames_of(data: bytes) -> list[tuple[bool, int, bytes]]:
+    return FrameReader(require_mask=False).feed(data)
+
+
+def close_body(code: int, reason: bytes = b"") -> bytes:
+    return code.to_bytes(2, "big") + reason
+
+
+# -- the upgrade --------------------------------------------------------------
+
+
+def test_request_a_byte_at_a_time_then_frames_in_the_same_read() -> None:
+    relay = Relay()
+    conn, transport = relay.connect()
+    request = REQUEST.format(room="/a%20b").encode()
+    feed(conn, request[:-1], step=1)
+    assert conn.state == State.HANDSHAKE and transport.writes == []
+    # The request's last byte and a message arrive together: nothing is lost.
+    feed(conn, request[-1:] + client_frame(Opcode.TEXT, b"hello"))
+    relay.loop.run_turn()
+    out = transport.take()
+    head, _, rest = out.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101 ")
+    assert frames_of(rest) == [(True, Opcode.TEXT, b"hello")]
+    assert list(relay.hub.rooms) == ["/a b"]
+
+
+def test_a_refusal_is_written_then_the_connection_closes() -> None:
+    relay = Relay()
+    conn, transport = relay.connect()
+    feed(conn, b"POST / HTTP/1.1\r\nHost: x\r\n\r\n")
+    relay.loop.run_turn()
+    assert transport.take().startswith(b"HTTP/1.1 405 Method Not Allowed\r\n")
+    assert transport.closed and conn.state == State.CLOSED
+    assert relay.gate.failures == {"method_not_allowed": 1}
+    assert relay.hub.connected == 0
+
+
+def test_the_gate_decides_and_the_connection_acts() -> None:
+    """The seam an access check uses: the decision is a value."""
+
+    class RefuseRoomB(Gate):
+        def decide(self, head: memoryview, scan_from: int, conn: Connection) -> Any:
+            decision = super().decide(head, scan_from, conn)
+            if isinstance(decision, handshake.Accept) and decision.room == "/b":
+                return handshake.refuse("forbidden_origin", "not this room")
+            return decision
+
+    relay = Relay()
+    relay.hub = Hub(relay.loop, RefuseRoomB(relay.gate.settings, relay.gate.log))
+    relay.join("/a")
+    conn, transport = relay.connect()
+    feed(conn, REQUEST.format(room="/b").encode())
+    relay.loop.run_turn()
+    assert transport.take().startswith(b"HTTP/1.1 403 Forbidden\r\n")
+    assert transport.closed and list(relay.hub.rooms) == ["/a"]
+
+
+# -- frame rules -----------------------------------------------------------------
+
+
+def unmasked(opcode: int, payload: bytes) -> bytes:
+    return encode_frame(opcode, payload)
+
+
+VIOLATIONS = {
+    "unmasked": (unmasked(Opcode.TEXT, b"x"), CloseCode.PROTOCOL_ERROR),
+    "reserved bits": (
+        bytes([0xC1]) + client_frame(Opcode.TEXT, b"x")[1:],
+        CloseCode.PROTOCOL_ERROR,
+    ),
+    "reserved opcode": (client_frame(0x3, b"x"), CloseCode.PROTOCOL_ERROR),
+    "reserved control opcode": (client_frame(0xB, b""), CloseCode.PROTOCOL_ERROR),
+    "fragmented control": (client_frame(Opcode.PING, b"", fin=False), CloseCode.PROTOCOL_ERROR),
+    "control too long": (client_frame(Opcode.PING, b"x" * 126), CloseCode.PROTOCOL_ERROR),
+    "lone continuation": (client_frame(Opcode.CONTINUATION, b"x"), CloseCode.PROTOCOL_ERROR),
+    "message inside a message": (
+        client_frame(Opcode.TEXT, b"a", fin=False) + client_frame(Opcode.TEXT, b"b"),
+        CloseCode.PROTOCOL_ERROR,
+    ),
+    "invalid UTF-8": (client_frame(Opcode.TEXT, b"ok \xc3\x28"), CloseCode.INVALID_PAYLOAD_DATA),
+    "UTF-8 cut at the end": (client_frame(Opcode.TEXT, b"\xe2\x82"), CloseCode.INVALID_PAYLOAD_DATA),
+    "too big": (client_frame(Opcode.BINARY, b"x" * 1025), CloseCode.MESSAGE_TOO_BIG),
+    "too big in fragments": (
+        client_frame(Opcode.BINARY, b"x" * 1000, fin=False)
+        + client_frame(Opcode.CONTINUATION, b"x" * 100),
+        CloseCode.MESSAGE_TOO_BIG,
+    ),
+    "1-byte close": (client_frame(Opcode.CLOSE, b"\x03"), CloseCode.PROTOCOL_ERROR),
+    "reserved close code": (client_frame(Opcode.CLOSE, close_body(1005)), CloseCode.PROTOCOL_ERROR),
+    "close reason not UTF-8": (
+        client_frame(Opcode.CLOSE, close_body(1000, b"\xff")),
+        CloseCode.INVALID_PAYLOAD_DATA,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(VIOLATIONS))
+def test_a_violation_closes_with_its_code_and_spares_the_room(name: str) -> None:
+    data, code = VIOLATIONS[name]
+    relay = Relay(max_message_size=1024)
+    bystander, bystander_out = relay.join()
+    conn, transport = relay.join()
+    feed(conn, data)
+    relay.loop.run_turn()
+    frames = frames_of(transport.take())
+    assert frames[-1][1] == Opcode.CLOSE
+    assert int.from_bytes(frames[-1][2][:2], "big") == code
+    # Nothing was relayed, and the connection is closed after its close frame
+    # (RFC 6455 section 7.1.7).
+    assert all(opcode == Opcode.CLOSE for _, opcode, _ in frames)
+    assert transport.closed and conn.state == State.CLOSED and conn.close_code == code
+    assert relay.hub.protocol_errors == 1 and relay.hub.counters()["closes"] == {code: 1}
+    assert bystander_out.writes == [] and len(relay.hub.rooms["/r"]) == 1
+    # The bystander is still served.
+    feed(bystander, client_frame(Opcode.TEXT, b"still here"))
+    relay.loop.run_turn()
+    assert frames_of(bystander_out.take()) == [(True, Opcode.TEXT, b"still here")]
+
+
+def test_a_ping_is_answered_with_its_payload() -> None:
+    relay = Relay()
+    conn, transport = relay.join()
+    feed(conn, client_frame(Opcode.PING, b"are you there"))
+    relay.loop.run_turn()
+    assert frames_of(transport.take()) == [(True, Opcode.PONG, b"are you there")]
+
+
+def test_fragments_with_interleaved_control_frames_become_one_message() -> None:
+    relay = Relay()
+    conn, transport = relay.join()
+    stream = (
+        client_frame(Opcode.TEXT, "h\u00e9".encode()[:2], fin=False)
+        + client_frame(Opcode.PING, b"p")
+        + client_frame(Opcode.CONTINUATION, "h\u00e9".encode()[2:] + b"llo")
+    )
+    feed(conn, stream, step=3)
+    relay.loop.run_turn()
+    assert frames_of(transport.take()) == [
+        (True, Opcode.PONG, b"p"),
+        (True, Opcode.TEXT, "h\u00e9llo".encode()),
+    ]
+
+
+# -- fan-out ---------------------------------------------------------------------
+
+
+def test_every_member_gets_one_write_per_turn_holding_every_frame() -> None:
+    relay = Relay()
+    members = [relay.join() for _ in range(3)]
+    outsider, outsider_out = relay.join("/other")
+    sender = members[0][0]
+    messages = [(Opcode.TEXT, b"one"), (Opcode.BINARY, b"\x00\x01"), (Opcode.TEXT, b"")]
+    feed(sender, b"".join(client_frame(op, data) for op, data in messages))
+    relay.loop.run_turn()
+    expected = [(True, op, data) for op, data in messages]
+    for _, transport in members:
+        # The frames of a turn are adjacent in the arena: one write each.
+        assert len(transport.writes) == 1
+        assert frames_of(transport.take()) == expected
+    assert outsider_out.writes == []
+    counters = relay.hub.counters()
+    assert counters["messages_total"] == 3 and counters["deliveries_total"] == 9
+
+
+def test_without_echo_the_sender_is_left_out() -> None:
+    relay = Relay(echo=False)
+    (sender, sender_out), (_, other_out) = relay.join(), relay.join()
+    feed(sender, client_frame(Opcode.TEXT, b"hi"))
+    relay.loop.run_turn()
+    assert sender_out.writes == []
+    assert frames_of(other_out.take()) == [(True, Opcode.TEXT, b"hi")]
+
+
+def test_rooms_vanish_with_their_last_member() -> None:
+    relay = Relay()
+    (a, _), (b, _) = relay.join("/x"), relay.join("/x")
+    assert len(relay.hub.rooms["/x"]) == 2
+    a.connection_lost(None)
+    assert len(relay.hub.rooms["/x"]) == 1
+    b.connection_lost(None)
+    assert relay.hub.rooms == {} and relay.hub.clients_count == 0
+    assert relay.hub.counters()["closes"] == {CloseCode.ABNORMAL_CLOSURE: 2}
+
+
+# -- closing -----------------------------------------------------------------------
+
+
+def test_the_peers_close_is_echoed_then_tcp_closes() -> None:
+    relay = Relay()
+    conn, transport = relay.join()
+    feed(conn, client_frame(Opcode.CLOSE, close_body(4321, b"see you")))
+    relay.loop.run_turn()
+    assert frames_of(transport.take()) == [(True, Opcode.CLOSE, close_body(4321, b"see you"))]
+    # RFC 6455 section 7.1.1: the server closes the TCP connection first.
+    assert transport.closed and conn.close_code == 4321 and relay.hub.rooms == {}
+
+
+def test_an_empty_close_is_answered_with_an_empty_close() -> None:
+    relay = Relay()
+    conn, transport = relay.join()
+    feed(conn, client_frame(Opcode.CLOSE, b""))
+    relay.loop.run_turn()
+    assert frames_of(transport.take()) == [(True, Opcode.CLOSE, b"")]
+    assert conn.close_code == CloseCode.NO_STATUS_RECEIVED
+
+
+def test_shutdown_close_waits_for_the_peer_then_its_deadline() -> None:
+    relay = Relay(close_timeout=5.0)
+    (polite, polite_out), (silent, silent_out) = relay.join(), relay.join()
+    relay.hub.close_all(CloseCode.GOING_AWAY, "bye")
+    relay.loop.run_turn()
+    for conn, transport in ((polite, polite_out), (silent, silent_out)):
+        assert frames_of(transport.take()) == [(True, Opcode.CLOSE, close_body(1001, b"bye"))]
+        assert conn.state == State.CLOSING and not transport.closed
+    # Data still in flight after our close is discarded (section 5.5.1).
+    feed(polite, client_frame(Opcode.TEXT, b"late") + client_frame(Opcode.CLOSE, close_body(1001)))
+    relay.loop.run_turn()
+    assert polite_out.writes == [] and polite_out.closed
+    assert relay.sweep(4.0) == 0 and not silent_out.aborted
+    relay.sweep(1.5)
+    assert silent_out.aborted and silent.state == State.CLOSED
+
+
+# -- slow clients --------------------------------------------------------------------
+
+
+def test_disconnect_policy_closes_a_member_over_its_backlog() -> None:
+    relay = Relay(max_backlog=1024, slow_client_policy="disconnect")
+    (sender, sender_out), (slow, slow_out) = relay.join(), relay.join()
+    slow_out.buffered = 4096  # the transport holds more than the limit
+    feed(sender, client_frame(Opcode.BINARY, b"x" * 100))
+    relay.loop.run_turn()
+    frames = frames_of(slow_out.take())
+    assert frames[0] == (True, Opcode.BINARY, b"x" * 100)
+    assert frames[1] == (True, Opcode.CLOSE, close_body(1008, b"backlog limit exceeded"))
+    assert slow_out.closed and slow.close_code == CloseCode.POLICY_VIOLATION
+    assert relay.hub.slow_disconnects == 1
+    # The room goes on without it.
+    feed(sender, client_frame(Opcode.BINARY, b"y"))
+    relay.loop.run_turn()
+    assert frames_of(sender_out.take())[-1] == (True, Opcode.BINARY, b"y")
+    assert len(relay.hub.rooms["/r"]) == 1
+
+
+def test_drop_policy_skips_a_member_until_it_drains() -> None:
+    relay = Relay(max_backlog=1024, slow_client_policy="drop")
+    (sender, _), (slow, slow_out) = relay.join(), relay.join()
+    slow_out.buffered = 4096
+    feed(sender, client_frame(Opcode.BINARY, b"first"))
+    relay.loop.run_turn()
+    feed(sender, client_frame(Opcode.BINARY, b"dropped"))
+    relay.loop.run_turn()
+    assert frames_of(slow_out.take()) == [(True, Opcode.BINARY, b"first")]
+    assert relay.hub.slow_drops == 1 and slow.state == State.OPEN
+    slow_out.buffered = 0  # drained
+    feed(sender, client_frame(Opcode.BINARY, b"again"))
+    relay.loop.run_turn()
+    assert frames_of(slow_out.take()) == [(True, Opcode.BINARY, b"again")]
+
+
+# -- deadlines ---------------------------------------------------------------------
+
+
+def test_an_unfinished_handshake_is_dropped_at_its_deadline() -> None:
+    relay = Relay(handshake_timeout=2.0)
+    conn, transport = relay.connect()
+    feed(conn, b"GET / HTTP/1.1\r\nHost:")
+    assert relay.sweep(1.0) == 0 and not transport.aborted
+    assert relay.sweep(1.5) == 1 and transport.aborted
+
+
+def test_keepalive_pings_and_closes_whoever_does_not_answer() -> None:
+    relay = Relay(ping_interval=10.0, ping_timeout=3.0)
+    (answers, answers_out), (silent, silent_out) = relay.join(), relay.join()
+    relay.sweep(10.5)
+    for transport in (answers_out, silent_out):
+        assert frames_of(transport.take()) == [(True, Opcode.PING, b"")]
+    feed(answers, client_frame(Opcode.PONG, b""))
+    relay.sweep(3.0)
+    assert answers_out.writes == [] and answers.state == State.OPEN
+    assert frames_of(silent_out.take()) == [
+        (True, Opcode.CLOSE, close_body(1011, b"keepalive ping timeout"))
+    ]
+    assert silent.state == State.CLOSING

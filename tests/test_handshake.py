@@ -95,6 +95,19 @@ TABLE = {
     "authority-form target": (good(path="example.test:443"), 400),
     "Transfer-Encoding on the upgrade": (good(replace={"Transfer-Encoding": "chunked"}), 400),
     "NUL in a header value": (good(replace={"X-Note": "a\x00b"}), 400),
+    "bare LF in a header value": (good(replace={"X-Note": "a\nb"}), 400),
+    "header lines ended by LF alone": (good().replace(b"\r\n", b"\n"), 400),
+    "Content-Length: 5 on the upgrade": (good(replace={"Content-Length": "5"}), 400),
+    "duplicate Host": (good().replace(b"\r\n\r\n", b"\r\nHost: 127.0.0.1\r\n\r\n"), 400),
+    "duplicate Sec-WebSocket-Key": (
+        good().replace(b"\r\n\r\n", f"\r\nSec-WebSocket-Key: {KEY}\r\n\r\n".encode()),
+        400,
+    ),
+    "duplicate Sec-WebSocket-Version": (
+        good().replace(b"\r\n\r\n", b"\r\nSec-WebSocket-Version: 13\r\n\r\n"),
+        400,
+    ),
+    "obsolete line folding": (good(replace={"X-Note": "a\r\n b"}), 400),
 }
 
 

@@ -17,7 +17,8 @@
 #     test-command (from pyproject.toml) in a temp dir holding the
 #     test-sources copied out of the sdist, never the fastrelay/ source
 #     package; fastrelay.__file__ must be inside the venv.
-#  6. Starts the venv's `fastrelay` command, does a WebSocket round trip with
+#  6. Starts the venv's `fastrelay` command with the tests' relay helper
+#     (tests/relay_process.py), does a WebSocket round trip with
 #     the websockets client, fetches the demo page, stops it by PID with
 #     SIGTERM and expects exit status 0.
 #
@@ -211,50 +212,28 @@ echo "  in $TESTDIR: $TEST_COMMAND"
     || die "the test suite failed against the installed wheel"
 
 # --- 6. the installed command ----------------------------------------------------
+# Started and stopped by the tests' own relay helper (tests/relay_process.py,
+# the copy from the sdist in $TESTDIR), with the venv's `fastrelay` script as
+# the command instead of `python -m fastrelay`.
 step "installed fastrelay command: start, round trip, demo page, SIGTERM"
 SMOKE="$WORK/smoke"
 mkdir -p "$SMOKE"
-cat >"$SMOKE/config.yaml" <<'EOF'
-server: {host: 127.0.0.1, port: 0}
-metrics: {enabled: false}
-relay: {serve_demo: true}
-EOF
-(cd "$SMOKE" && timeout 90 "$VENV/bin/python" - "$VENV/bin/fastrelay" "$SMOKE/config.yaml" "$SRC/example/index.html" <<'EOF'
+(cd "$SMOKE" && timeout 90 "$VENV/bin/python" - "$VENV/bin/fastrelay" "$TESTDIR/tests" "$SRC/example/index.html" <<'EOF'
 import http.client
-import os
-import selectors
-import signal
-import subprocess
 import sys
-import time
+from pathlib import Path
 
 from websockets.sync.client import connect
 
-command, config, demo_src = sys.argv[1:]
-proc = subprocess.Popen([command, "--config-file", config], stdout=subprocess.PIPE,
-                        stderr=open("fastrelay.log", "wb"))
-try:
-    # Wait for the "listening on" line: bounded, no fixed sleep.
-    deadline, out, url = time.monotonic() + 20, b"", None
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        while url is None and time.monotonic() < deadline:
-            if not sel.select(deadline - time.monotonic()):
-                break
-            chunk = os.read(proc.stdout.fileno(), 4096)
-            if not chunk:
-                break
-            out += chunk
-            for line in out.decode(errors="replace").splitlines():
-                if line.startswith("fastrelay listening on "):
-                    url = line.split(" on ", 1)[1].strip()
-    if url is None:
-        sys.exit(f"no 'fastrelay listening on' line; stdout {out!r}; "
-                 f"log {open('fastrelay.log', 'rb').read()[-2000:]!r}")
-    print(f"  pid {proc.pid}: {url}")
+command, helper_dir, demo_src = sys.argv[1:]
+sys.path.insert(0, helper_dir)
+from relay_process import start_relay  # noqa: E402
 
-    with connect(url + "smoke", open_timeout=10, close_timeout=5) as a, \
-         connect(url + "smoke", open_timeout=10, close_timeout=5) as b:
+relay = start_relay(Path.cwd(), {"relay": {"serve_demo": True}}, command=[command])
+try:
+    print(f"  pid {relay.pid}: {relay.url}")
+    with connect(relay.ws("/smoke"), open_timeout=10, close_timeout=5) as a, \
+         connect(relay.ws("/smoke"), open_timeout=10, close_timeout=5) as b:
         a.send("hello from the wheel")
         assert b.recv(timeout=10) == "hello from the wheel"
         assert a.recv(timeout=10) == "hello from the wheel"  # echo to the sender
@@ -262,8 +241,7 @@ try:
         assert a.recv(timeout=10) == b"\x00\x01binary"
     print("  round trip OK (text + binary, two clients, room /smoke)")
 
-    port = int(url.rstrip("/").rsplit(":", 1)[1])
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn = http.client.HTTPConnection("127.0.0.1", relay.port, timeout=10)
     conn.request("GET", "/")
     response = conn.getresponse()
     body = response.read()
@@ -272,13 +250,14 @@ try:
     assert body == open(demo_src, "rb").read(), "demo page differs from example/index.html"
     print(f"  demo page OK ({len(body)} bytes from the installed package data)")
 
-    proc.send_signal(signal.SIGTERM)
-    rc = proc.wait(20)
-    assert rc == 0, f"exit status {rc} after SIGTERM"
+    status = relay.stop()
+    assert status == 0, f"exit status {status} after SIGTERM\n{relay.output()}"
+    assert "Traceback" not in relay.stderr.text(), relay.output()
     print("  SIGTERM -> exit 0")
+except BaseException:
+    print(relay.output(), file=sys.stderr)  # the relay's side of the failure
+    raise
 finally:
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(5)
+    relay.kill()
 EOF
-) || { cat "$SMOKE/fastrelay.log" >&2 || true; die "the installed fastrelay command failed its smoke test"; }
+) || die "the installed fastrelay command failed its smoke test"

@@ -37,7 +37,8 @@ import os
 import select
 import socket
 import time
-from typing import Callable, Optional
+from collections.abc import Callable, Sequence
+from typing import Optional
 
 from . import wire
 from .wire import BLOCK, CFRAME, FRAME, FrameFactory, RefStream, StreamVerifier
@@ -763,14 +764,14 @@ class Connector:
         self.loop = asyncio.get_running_loop()
         self.ep = select.epoll()
         self.inflight: dict[int, list] = {}  # fd -> [member, sock, request, accept, head]
-        self.members: list[Member] = []
+        self.members: Sequence[Member] = []
         self.next = 0
         self.done = 0
         self.result: Optional[asyncio.Future] = None
         self.progress: Optional[Callable[[int], None]] = None
 
     async def run(
-        self, members: list[Member], progress: Optional[Callable[[int], None]] = None
+        self, members: Sequence[Member], progress: Optional[Callable[[int], None]] = None
     ) -> tuple[float, float]:
         self.members, self.next, self.done = members, 0, 0
         self.progress = progress
@@ -863,7 +864,7 @@ class Connector:
 async def connect_members(
     host: str,
     port: int,
-    members: list[Member],
+    members: Sequence[Member],
     concurrency: int,
     timeout: float,
     progress: Optional[Callable[[int], None]] = None,
@@ -876,7 +877,7 @@ async def connect_members(
         conn.close()
 
 
-async def close_members(members: list[Member], timeout: float = 5.0) -> None:
+async def close_members(members: Sequence[Member], timeout: float = 5.0) -> None:
     """Closing handshake from the client side (the server answers and closes
     the TCP connection), then close whatever is left."""
     try:

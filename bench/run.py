@@ -1,6 +1,6 @@
 """fastrelay throughput benchmark: fastrelay vs other Python relays.
 
-    python bench/run.py [--quick] [--servers fastrelay,websockets,picows,aiohttp]
+    python bench/run.py [--quick] [--servers fastrelay,batched,websockets,picows,aiohttp]
                         [--json out.json] [--server-cmd NAME='cmd with {port}']
 
 Every (workload, repetition, server) run starts a fresh server pinned to one
@@ -24,6 +24,8 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
+from dataclasses import asdict
 
 if __package__ in (None, ""):
     # `python bench/run.py`: make the `bench` package importable.
@@ -33,8 +35,30 @@ if __package__ in (None, ""):
 import uvloop  # noqa: E402
 
 from bench import report, wire  # noqa: E402
-from bench.servers import BUILTIN, ROOT, ServerError, ServerProcess, ServerSpec, fastrelay_available  # noqa: E402
-from bench.workloads import RUNNERS, Settings, default_workloads, latency_workload  # noqa: E402
+from bench.machine import machine  # noqa: E402
+from bench.records import (  # noqa: E402
+    Latency,
+    Measured,
+    RunMeta,
+    RunResult,
+    Throughput,
+    Verdict,
+)
+from bench.servers import (  # noqa: E402
+    BUILTIN,
+    ROOT,
+    ServerError,
+    ServerProcess,
+    ServerSpec,
+    fastrelay_available,
+)
+from bench.workloads import (  # noqa: E402
+    RUNNERS,
+    Settings,
+    Workload,
+    default_workloads,
+    latency_workload,
+)
 
 DEFAULT_SERVERS = ["fastrelay", "batched", "websockets", "picows", "aiohttp"]
 
@@ -187,7 +211,7 @@ def settings(args: argparse.Namespace) -> tuple[Settings, int]:
     return s, reps
 
 
-def pick_workloads(args: argparse.Namespace) -> list:
+def pick_workloads(args: argparse.Namespace) -> list[Workload]:
     ws = default_workloads(args.quick)
     if args.rate:
         try:
@@ -239,32 +263,34 @@ def raise_nofile() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-def progress_cell(w, r: dict) -> str:
-    if "value" not in r:
+def progress_cell(r: RunResult) -> str:
+    f, u = r.figures, r.usage
+    if f is None or u is None:
         return "FAILED"
-    if w.kind in ("fanout", "rooms"):
-        main = "%s deliveries/s" % report.si(r["value"])
-    elif w.kind == "latency":
+    if isinstance(f, Throughput):
+        main = "%s deliveries/s, server %s/delivery" % (
+            report.si(f.per_s),
+            report.ns(r.server_ns_per_delivery()),
+        )
+    elif isinstance(f, Latency):
         main = "p50 %s p99 %s max %s ms" % (
-            report.ms(r["p50_ms"]),
-            report.ms(r["p99_ms"]),
-            report.ms(r["max_ms"]),
+            report.ms(f.p50_ms),
+            report.ms(f.p99_ms),
+            report.ms(f.max_ms),
         )
     else:
-        main = "%s handshakes/s %s/conn" % (
-            report.si(r["value"]),
-            report.kib(r.get("rss_per_conn")),
-        )
-    other = r.get("other_cpu") or 0
+        main = "%s handshakes/s %s/conn" % (report.si(f.per_s), report.kib(f.rss_per_conn))
     return "%s  client %s server %s%s" % (
         main,
-        report.pct(r.get("client_cpu")),
-        report.pct(r.get("server_cpu")),
-        "  (other processes %s!)" % report.pct(other) if other > 0.05 else "",
+        report.pct(u.client),
+        report.pct(u.server),
+        "  (other processes %s!)" % report.pct(u.other) if u.other > report.QUIET else "",
     )
 
 
-async def one_run(spec: ServerSpec, w, s: Settings, server_cpu, log) -> dict:
+async def one_run(
+    spec: ServerSpec, w: Workload, s: Settings, server_cpu: int | None, log: Callable[[str], None]
+) -> Measured:
     server = ServerProcess(spec, server_cpu)
     try:
         server.start()
@@ -272,8 +298,7 @@ async def one_run(spec: ServerSpec, w, s: Settings, server_cpu, log) -> dict:
         # The cyclic GC would pause the load generator at random points of
         # the measurement; runs are short, so collect between runs instead.
         gc.disable()
-        res = await asyncio.wait_for(RUNNERS[w.kind](server, w, s, log), budget)
-        return res
+        return await asyncio.wait_for(RUNNERS[w.kind](server, w, s, log), budget)
     finally:
         gc.enable()
         rc = server.stop()
@@ -284,10 +309,31 @@ async def one_run(spec: ServerSpec, w, s: Settings, server_cpu, log) -> dict:
             )
 
 
+async def run_or_fail(
+    spec: ServerSpec, w: Workload, rep: int, s: Settings, server_cpu: int | None, log
+) -> RunResult:
+    """One run; a failure to start, a timeout or a crash is a failed verdict."""
+    try:
+        m = await one_run(spec, w, s, server_cpu, log)
+    except Exception as exc:  # noqa: BLE001 - any failure is a finding of this run
+        kind = "timeout" if isinstance(exc, asyncio.TimeoutError) else type(exc).__name__
+        expected = isinstance(exc, (ServerError, asyncio.TimeoutError))
+        return RunResult(
+            w.key,
+            spec.name,
+            rep,
+            Verdict.failed("%s: %s" % (kind, exc)),
+            traceback=None if expected else traceback.format_exc(),
+        )
+    return RunResult(w.key, spec.name, rep, m.verdict, m.usage, m.figures)
+
+
 async def main_async(args: argparse.Namespace) -> int:
     # SIGTERM (e.g. a CI timeout) cancels the run like Ctrl-C does, so every
     # run's `finally` stops its server before the harness exits.
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
     specs = build_servers(args)
     if not specs:
         print("no server to benchmark", file=sys.stderr)
@@ -297,39 +343,29 @@ async def main_async(args: argparse.Namespace) -> int:
     server_cpu, client_cpu, pin_note = (
         (None, None, "no pinning (--no-pin)") if args.no_pin else pin()
     )
-    nofile = raise_nofile()
-    names = [sp.name for sp in specs]
     command = "python bench/run.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    meta = dict(
+    meta = RunMeta(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         command=command.strip(),
         quick=args.quick,
-        servers=names,
+        servers=[sp.name for sp in specs],
         reps=reps,
         pinning=pin_note,
-        nofile=nofile,
+        nofile=raise_nofile(),
         numpy=wire.HAVE_NUMPY,
-        settings=vars(s),
-        machine=report.machine(),
-        workloads=[dict(key=w.key, kind=w.kind, label=w.label, params=w.params) for w in workloads],
+        settings=s,
+        machine=machine(),
+        workloads=workloads,
     )
 
     def log(msg: str) -> None:
         print(msg, flush=True)
 
-    log("fastrelay bench: %s" % meta["command"])
-    log(
-        "machine: %s, %s cores, Linux %s, Python %s"
-        % (
-            meta["machine"]["cpu"],
-            meta["machine"]["cores"],
-            meta["machine"]["kernel"],
-            meta["machine"]["python"],
-        )
-    )
+    log("fastrelay bench: %s" % meta.command)
+    log("machine: %s" % meta.machine.describe())
     log(
         "%s; RLIMIT_NOFILE %d; servers: %s; %d repetition(s); %.1fs warmup + %.1fs measured"
-        % (pin_note, nofile, ", ".join(names), reps, s.warmup, s.duration)
+        % (pin_note, meta.nofile, ", ".join(meta.servers), reps, s.warmup, s.duration)
     )
     if not wire.HAVE_NUMPY:
         log(
@@ -337,9 +373,8 @@ async def main_async(args: argparse.Namespace) -> int:
             "and the load generator will saturate early"
         )
 
-    runs: list[dict] = []
+    runs: list[RunResult] = []
     total = len(workloads) * reps * len(specs)
-    i = 0
     t_start = time.perf_counter()
     for w in workloads:
         for rep in range(reps):
@@ -347,63 +382,59 @@ async def main_async(args: argparse.Namespace) -> int:
             # first (cold caches) or right after the same neighbour.
             order = specs[rep % len(specs) :] + specs[: rep % len(specs)]
             for spec in order:
-                i += 1
                 gc.collect()
                 head = "[%*d/%d] %-26s rep %d/%d  %-10s" % (
                     len(str(total)),
-                    i,
+                    len(runs) + 1,
                     total,
                     w.label,
                     rep + 1,
                     reps,
                     spec.name,
                 )
-                try:
-                    r = await one_run(spec, w, s, server_cpu, log)
-                except (ServerError, OSError, asyncio.TimeoutError, Exception) as exc:  # noqa: BLE001
-                    kind = (
-                        "timeout" if isinstance(exc, asyncio.TimeoutError) else type(exc).__name__
-                    )
-                    r = dict(ok=False, errors=["%s: %s" % (kind, exc)])
-                    if not isinstance(exc, (ServerError, asyncio.TimeoutError)):
-                        r["traceback"] = traceback.format_exc()
-                r.update(workload=w.key, server=spec.name, rep=rep)
+                r = await run_or_fail(spec, w, rep, s, server_cpu, log)
                 runs.append(r)
-                verdict = "ok" if r.get("ok") else "FAIL: " + "; ".join(r.get("errors", []))[:300]
-                log("%s %s  %s" % (head, progress_cell(w, r), verdict))
+                verdict = "ok" if r.verdict.ok else "FAIL: " + "; ".join(r.verdict.errors)[:300]
+                log("%s %s  %s" % (head, progress_cell(r), verdict))
 
-    summary = report.summarise(runs, workloads, names)
-    meta["elapsed_s"] = round(time.perf_counter() - t_start, 1)
-    tbl = report.table(summary)
+    summary = report.summarise(runs, workloads, meta.servers)
+    meta.elapsed_s = round(time.perf_counter() - t_start, 1)
     log("")
-    log(tbl)
+    log(report.table(summary))
     log("")
-    bound = [row for row in summary if row.get("client_cpu", {}).get("median", 0) > 0.9]
+    bound = report.client_bound(summary)
     if bound:
         log(
-            "caveat: load generator CPU > 90%% in: %s (figures there are a lower bound)"
-            % ", ".join("%s/%s" % (r["label"], r["server"]) for r in bound)
+            "caveat: load generator CPU > %s in: %s (figures there are a lower bound)"
+            % (report.pct(report.CLIENT_BOUND), report.names(bound))
         )
-    noisy = [row for row in summary if row.get("other_cpu", {}).get("max", 0) > 0.05]
+    noisy = report.noisy(summary)
     if noisy:
         log(
             "caveat: the machine was not quiet: other processes used up to %s of a CPU in %d of "
             "%d rows (see 'other CPU'); rerun on an idle machine for figures to quote"
-            % (report.pct(max(r["other_cpu"]["max"] for r in noisy)), len(noisy), len(summary))
+            % (
+                report.pct(max(r.other_cpu.max for r in noisy if r.other_cpu)),
+                len(noisy),
+                len(summary),
+            )
         )
-    failed = [r for r in runs if not r.get("ok")]
 
     out = args.json or os.path.join(
         ROOT, "bench", "results", "quick.json" if args.quick else "latest.json"
     )
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
-        json.dump(dict(meta=meta, summary=summary, runs=runs), f, indent=1, default=str)
+        record = dict(meta=asdict(meta), summary=[asdict(r) for r in summary])
+        record["runs"] = [asdict(r) for r in runs]
+        json.dump(record, f, indent=1)
     log("wrote %s" % os.path.relpath(out))
     md = args.markdown or (None if args.quick else os.path.join(ROOT, "bench", "RESULTS.md"))
     if md:
-        write_markdown(md, meta, tbl, bound, noisy, failed)
+        with open(md, "w") as f:
+            f.write(report.markdown(meta, summary, runs))
         log("wrote %s" % os.path.relpath(md))
+    failed = [r for r in runs if not r.verdict.ok]
     if failed:
         log(
             "%d of %d runs did not verify (loss, errors or failures): exit 1"
@@ -412,56 +443,6 @@ async def main_async(args: argparse.Namespace) -> int:
         return 1
     log("all %d runs verified: every message delivered intact and in order per sender" % len(runs))
     return 0
-
-
-def write_markdown(path: str, meta: dict, tbl: str, bound: list, noisy: list, failed: list) -> None:
-    m = meta["machine"]
-    vers = ", ".join("%s %s" % (k, v) for k, v in m["versions"].items() if v)
-    lines = [
-        "# Benchmark results",
-        "",
-        "Latest run of the throughput benchmark (see README.md for what each workload does).",
-        "",
-        "- date: %s" % meta["date"],
-        "- command: `%s`" % meta["command"],
-        "- machine: %s, %s cores, %s GiB, %s %s, Python %s"
-        % (
-            m["cpu"],
-            m["cores"],
-            round((m["memory_bytes"] or 0) / 2**30),
-            m["system"],
-            m["kernel"],
-            m["python"],
-        ),
-        "- libraries: %s" % vers,
-        "- %s; %d repetitions, servers interleaved; %.1fs warmup + %.1fs measured per run"
-        % (meta["pinning"], meta["reps"], meta["settings"]["warmup"], meta["settings"]["duration"]),
-        "- result = median over repetitions, with min – max; client CPU = load generator "
-        "process CPU time / wall time, server CPU likewise for the server process (medians); "
-        "other CPU = everything else on the machine, /proc/stat user+system minus client "
-        "and server (highest repetition)",
-        "",
-        tbl,
-        "",
-    ]
-    if bound:
-        lines.append(
-            "Load generator above 90%% CPU (figures are a lower bound for the server): %s."
-            % ", ".join("%s/%s" % (r["label"], r["server"]) for r in bound)
-        )
-        lines.append("")
-    if noisy:
-        lines.append(
-            "The machine was not quiet: other processes used more than 5%% of a CPU "
-            "during %d of %d rows (column 'other CPU')."
-            % (len(noisy), len(meta["workloads"]) * len(meta["servers"]))
-        )
-        lines.append("")
-    if failed:
-        lines.append("%d run(s) did not verify; see the JSON for details." % len(failed))
-        lines.append("")
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,9 +60,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for fault, every, expect in CASES:
             rc, data = run_case(fault, every, tmp)
-            runs = data.get("runs", [])
-            loss = sum(r.get("loss", 0) for r in runs)
-            errors = " | ".join(e for r in runs for e in r.get("errors", []))
+            verdicts = [r["verdict"] for r in data.get("runs", [])]
+            loss = sum(v["loss"] for v in verdicts)
+            errors = " | ".join(e for v in verdicts for e in v["errors"])
             if expect is None:
                 ok = rc == 0 and loss == 0 and not errors
             elif expect == "loss":

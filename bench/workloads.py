@@ -1,12 +1,14 @@
 """The four workloads. Each runs against one freshly started server and
-returns a dict of measurements plus its own verification verdict."""
+returns what it measured (records.Measured): CPU use, its figures and the
+verdict on every delivery."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 from . import wire
 from .loadgen import (
@@ -20,12 +22,9 @@ from .loadgen import (
     close_members,
     connect_members,
 )
+from .meter import Meter, usage_between
+from .records import Flow, Handshakes, Latency, Measured, Throughput, Verdict
 from .servers import ServerProcess
-
-try:
-    import psutil
-except ImportError:  # pragma: no cover
-    psutil = None
 
 HOST = "127.0.0.1"
 TAIL = 200  # messages per sender after the measured window, spot-checked
@@ -56,10 +55,7 @@ class Workload:
     key: str  # stable id used in JSON
     kind: str  # fanout | latency | rooms | connections
     label: str
-    params: dict
-
-    def describe(self) -> str:
-        return self.label
+    params: dict  # sizes: members/senders, members/rate, clients/room_size
 
 
 def default_workloads(quick: bool) -> list[Workload]:
@@ -174,88 +170,13 @@ def latency_workload(members: int, rate: int) -> Workload:
     )
 
 
-class Meter:
-    """CPU of this process (the load generator) and of the server."""
-
-    def __init__(self, server: ServerProcess) -> None:
-        self.ps = psutil.Process(server.pid) if psutil is not None else None
-
-    def _tree(self) -> list:
-        # A --server-cmd may be a wrapper (sh -c, taskset, timeout ...):
-        # count the whole process tree it started.
-        try:
-            return [self.ps] + self.ps.children(recursive=True)
-        except psutil.Error:
-            return [self.ps]
-
-    def server_cpu(self) -> float:
-        if self.ps is None:
-            return float("nan")
-        total = 0.0
-        for p in self._tree():
-            try:
-                t = p.cpu_times()
-                total += t.user + t.system
-            except psutil.Error:
-                if p is self.ps:
-                    return float("nan")
-        return total
-
-    def rss(self) -> Optional[int]:
-        if self.ps is None:
-            return None
-        total = 0
-        for p in self._tree():
-            try:
-                total += p.memory_info().rss
-            except psutil.Error:
-                if p is self.ps:
-                    return None
-        return total
-
-    @staticmethod
-    def busy() -> float:
-        """CPU seconds all processes have spent so far, machine-wide
-        (user + nice + system in /proc/stat; irq and softirq time, much of
-        it the loopback traffic of this very benchmark, left out)."""
-        if psutil is None:
-            return float("nan")
-        t = psutil.cpu_times()
-        return t.user + t.nice + t.system
-
-    def snap(self, members: list[Member]) -> dict:
-        return dict(
-            t=time.perf_counter(),
-            cpu=time.process_time(),
-            srv=self.server_cpu(),
-            bytes=sum(m.nbytes for m in members),
-            busy=self.busy(),
-        )
+def received(members: list[Member]) -> int:
+    return sum(m.nbytes for m in members)
 
 
-def other_cpu(a: dict, b: dict) -> float:
-    """CPUs used by everything but the load generator and the server between
-    two snapshots: a busy machine makes any figure moot. (One file read: a
-    scan of every process would stall the event loop for tens of ms.)"""
-    wall = b["t"] - a["t"]
-    ours = (b["cpu"] - a["cpu"]) + (b["srv"] - a["srv"])
-    return max(0.0, ((b["busy"] - a["busy"]) - ours) / wall)
-
-
-def _window(a: dict, b: dict) -> dict:
-    wall = b["t"] - a["t"]
-    return dict(
-        wall=wall,
-        deliveries=(b["bytes"] - a["bytes"]) // FRAME,
-        client_cpu=(b["cpu"] - a["cpu"]) / wall,
-        server_cpu=(b["srv"] - a["srv"]) / wall,
-        other_cpu=other_cpu(a, b),
-    )
-
-
-def _verdict(
+def verdict(
     rooms: list[Room], spot: Optional[SpotCheck], server: ServerProcess, drained: bool
-) -> dict:
+) -> Verdict:
     expected = got = 0
     errors: list[str] = []
     n_err = n_loss = 0
@@ -284,29 +205,29 @@ def _verdict(
     if not server.alive():
         errors.append("server process exited")
     loss = expected - got
-    return dict(
+    return Verdict(
+        ok=(loss == 0 and not errors),
+        errors=errors,
+        loss=loss,
         deliveries_expected=expected,
         deliveries_verified=got,
-        loss=loss,
         clients_with_errors=n_err,
         clients_with_loss=n_loss,
-        errors=errors,
-        spot_check=None if spot is None else dict(received=spot.count, error=spot.error),
-        ok=(loss == 0 and not errors),
+        spot_check_received=None if spot is None else spot.count,
     )
 
 
 async def _drain(
     rooms: list[Room],
     spot: Optional[SpotCheck],
-    spot_room: Optional[Room],
-    joined: Optional[dict],
+    joined: Optional[dict[int, int]],
     timeout: float,
 ) -> bool:
-    """Wait (bounded) until every member has every message sent."""
+    """Wait (bounded) until every member has every message sent, and the
+    spot check (in rooms[0]) every message sent after `joined`."""
     futs = [r.start_drain() for r in rooms]
-    if spot is not None and spot_room is not None:
-        final = {m.sid: m.sent for m in spot_room.senders}
+    if spot is not None:
+        final = {m.sid: m.sent for m in rooms[0].senders}
         futs.append(spot.expect(joined or {sid: 0 for sid in final}, final))
     done, pending = await asyncio.wait(futs, timeout=timeout)
     if spot is not None:
@@ -315,7 +236,7 @@ async def _drain(
 
 
 async def _open(
-    server: ServerProcess, members: list[Member], s: Settings, log: Callable[[str], None]
+    server: ServerProcess, members: Sequence[Member], s: Settings, log: Callable[[str], None]
 ) -> tuple[float, float]:
     def progress(n: int) -> None:
         log("    connected %d/%d" % (n, len(members)))
@@ -330,98 +251,81 @@ async def _open(
     )
 
 
-async def _spot(
-    server: ServerProcess, room: Room, senders: list[int], s: Settings
-) -> Optional[SpotCheck]:
+async def _spot(server: ServerProcess, room: Room, s: Settings) -> Optional[SpotCheck]:
     if not s.spot_check:
         return None
-    spot = SpotCheck("ws://%s:%d%s" % (HOST, server.port, room.path), senders)
+    spot = SpotCheck("ws://%s:%d%s" % (HOST, server.port, room.path), [m.sid for m in room.senders])
     await asyncio.wait_for(spot.connect(), 30)
     return spot
 
 
-async def _teardown(members: list[Member], spot: Optional[SpotCheck]) -> None:
+async def _teardown(members: Sequence[Member], spot: Optional[SpotCheck]) -> None:
     if spot is not None:
         await spot.close()
     await close_members(members)
 
 
+@dataclass
+class Load:
+    """The clients of a throughput run. The spot check joins rooms[0]."""
+
+    rooms: list[Room]
+    members: list[Member]
+    senders: list[Sender]
+    flow: Flow
+
+
 async def run_fanout(
     server: ServerProcess, w: Workload, s: Settings, log: Callable[[str], None]
-) -> dict:
+) -> Measured:
     n, k = w.params["members"], w.params["senders"]
-    lag = s.lag_limit or min(max(2 * k * s.window, 1024), 8192)
-    room = Room("/fanout", lag)
+    flow = Flow(
+        window_max=s.window,
+        lag_limit=s.lag_limit or min(max(2 * k * s.window, 1024), 8192),
+        queue_s=s.queue_fanout,
+    )
+    room = Room("/fanout", flow.lag_limit)
     sids = list(range(1, k + 1))
     senders = [Sender(room, sids, sid, s.window_min) for sid in sids]
-    members = senders + [Member(room, sids) for _ in range(n - k)]
-    return await _throughput(
-        server,
-        [room],
-        members,
-        senders,
-        room,
-        sids,
-        s,
-        log,
-        s.window,
-        s.queue_fanout,
-        extra=dict(
-            members=n, senders=k, window_max=s.window, lag_limit=lag, queue_s=s.queue_fanout
-        ),
-    )
+    members: list[Member] = [*senders, *(Member(room, sids) for _ in range(n - k))]
+    return await _throughput(server, Load([room], members, senders, flow), s, log)
 
 
 async def run_rooms(
     server: ServerProcess, w: Workload, s: Settings, log: Callable[[str], None]
-) -> dict:
+) -> Measured:
     n, size = w.params["clients"], w.params["room_size"]
-    lag = s.lag_limit or max(4 * size * s.window_rooms, 256)
-    rooms, members = [], []
-    for r in range(n // size):
-        room = Room("/small-%d" % r, lag)
-        sids = [r * size + j + 1 for j in range(size)]
-        for sid in sids:
-            members.append(Sender(room, sids, sid, s.window_min))
-        rooms.append(room)
-    first = rooms[0]
-    return await _throughput(
-        server,
-        rooms,
-        members,
-        members,
-        first,
-        [m.sid for m in first.senders],
-        s,
-        log,
-        s.window_rooms,
-        s.queue_rooms,
-        extra=dict(
-            clients=n,
-            room_size=size,
-            window_max=s.window_rooms,
-            lag_limit=lag,
-            queue_s=s.queue_rooms,
-        ),
+    flow = Flow(
+        window_max=s.window_rooms,
+        lag_limit=s.lag_limit or max(4 * size * s.window_rooms, 256),
+        queue_s=s.queue_rooms,
     )
+    rooms, senders = [], []
+    for r in range(n // size):
+        room = Room("/small-%d" % r, flow.lag_limit)
+        sids = [r * size + j + 1 for j in range(size)]
+        senders += [Sender(room, sids, sid, s.window_min) for sid in sids]
+        rooms.append(room)
+    return await _throughput(server, Load(rooms, list(senders), senders, flow), s, log)
 
 
 async def _throughput(
-    server, rooms, members, senders, spot_room, spot_sids, s, log, wmax, queue, extra
-) -> dict:
+    server: ServerProcess, load: Load, s: Settings, log: Callable[[str], None]
+) -> Measured:
     meter = Meter(server)
     spot = None
     pacer = Pacer()
-    control = WindowControl(senders, s.window_min, wmax, queue)
+    senders, flow = load.senders, load.flow
+    control = WindowControl(senders, s.window_min, flow.window_max, flow.queue_s)
     try:
-        await _open(server, members, s, log)
-        for m in members:
+        await _open(server, load.members, s, log)
+        for m in load.members:
             # Receivers are read in rounds (see loadgen's docstring). So are
             # senders when everyone sends (small rooms): a thousand sockets
             # read on every event would cost the client more than the server.
             # Where a few senders drive a big room they read at once, so
             # their echoes reopen their window without waiting for a round.
-            immediate = isinstance(m, Sender) and len(senders) < len(members)
+            immediate = isinstance(m, Sender) and len(senders) < len(load.members)
             m.start_reading(None if immediate else pacer)
         for snd in senders:
             snd.running = True
@@ -429,38 +333,41 @@ async def _throughput(
             snd.refill()
         control.start()
         await asyncio.sleep(s.warmup)  # load is running; this only times it
-        a = meter.snap(members)
+        a = meter.snap(received(load.members))
         await asyncio.sleep(s.duration)
-        b = meter.snap(members)
+        b = meter.snap(received(load.members))
         # Tail: the websockets spot check joins while the load goes on, and
         # every sender sends TAIL more messages that it must all receive.
         joined = None
         if s.spot_check:
-            spot = await _spot(server, spot_room, spot_sids, s)
-            joined = {m.sid: m.sent for m in spot_room.senders}
+            spot = await _spot(server, load.rooms[0], s)
+            joined = {m.sid: m.sent for m in load.rooms[0].senders}
         tail = [snd.stop_after(TAIL if spot is not None else 0) for snd in senders]
         await asyncio.wait_for(asyncio.gather(*tail), s.drain_timeout)
         windows = control.windows()
         control.stop()
-        drained = await _drain(rooms, spot, spot_room, joined, s.drain_timeout)
-        res = _window(a, b)
-        res["windows"] = dict(min=windows[0], median=windows[len(windows) // 2], max=windows[-1])
-        res["value"] = res["deliveries"] / res["wall"]
-        res["messages_sent"] = sum(r.sent_total for r in rooms)
-        res["lag_waits"] = sum(r.lag_waits for r in rooms)
-        res["paced_bytes_per_read"] = pacer.read_bytes / pacer.reads if pacer.reads else None
-        res.update(extra)
-        res.update(_verdict(rooms, spot, server, drained))
-        return res
+        flow.windows = (windows[0], windows[len(windows) // 2], windows[-1])
+        flow.lag_waits = sum(r.lag_waits for r in load.rooms)
+        drained = await _drain(load.rooms, spot, joined, s.drain_timeout)
+        usage = usage_between(a, b)
+        deliveries = (b.received - a.received) // FRAME
+        figures = Throughput(
+            deliveries=deliveries,
+            per_s=deliveries / usage.wall,
+            messages_sent=sum(r.sent_total for r in load.rooms),
+            flow=flow,
+            paced_bytes_per_read=pacer.read_bytes / pacer.reads if pacer.reads else None,
+        )
+        return Measured(verdict(load.rooms, spot, server, drained), usage, figures)
     finally:
         control.stop()
-        await _teardown(members, spot)
+        await _teardown(load.members, spot)
         pacer.close()
 
 
 async def run_latency(
     server: ServerProcess, w: Workload, s: Settings, log: Callable[[str], None]
-) -> dict:
+) -> Measured:
     n, rate = w.params["members"], w.params["rate"]
     room = Room("/latency", 1 << 40)  # open loop: never throttled
     sender = Sender(room, [1], 1, 1, latency=True)
@@ -477,10 +384,10 @@ async def run_latency(
     meter = Meter(server)
     loop = asyncio.get_running_loop()
     spot = None
-    ticker = None
+    ticker: Optional[asyncio.TimerHandle] = None
     try:
         await _open(server, members, s, log)
-        spot = await _spot(server, room, [1], s)
+        spot = await _spot(server, room, s)
         for m in members:
             m.start_reading(None if m.verifier.latency else pacer)
         t0 = time.monotonic()
@@ -497,28 +404,27 @@ async def run_latency(
 
         tick()
         await asyncio.sleep(s.warmup)
-        a = meter.snap(members)
+        a = meter.snap(received(members))
         t_from = time.monotonic_ns()
         await asyncio.sleep(s.duration)
         t_to = time.monotonic_ns()
-        b = meter.snap(members)
-        ticker.cancel()
-        drained = await _drain([room], spot, room, None, s.drain_timeout)
-        res = _window(a, b)
-        res.update(_verdict([room], spot, server, drained))
+        b = meter.snap(received(members))
+        if ticker is not None:  # stop sending before the drain
+            ticker.cancel()
+        drained = await _drain([room], spot, None, s.drain_timeout)
+        judged = verdict([room], spot, server, drained)
         lat = wire.latency_samples([m.verifier for m in timed], t_from, t_to)
-        res.update(
-            members=n,
+        figures = Latency(
             rate=rate,
+            deliveries=(b.received - a.received) // FRAME,
             messages_sent=room.sent_total,
-            samples=len(lat),
             timed_members=len(timed),
+            samples=len(lat),
             p50_ms=wire.percentile(lat, 50) / 1e6,
             p99_ms=wire.percentile(lat, 99) / 1e6,
             max_ms=(float(lat[-1]) / 1e6 if len(lat) else float("nan")),
         )
-        res["value"] = res["p99_ms"]
-        return res
+        return Measured(judged, usage_between(a, b), figures)
     finally:
         if ticker is not None:
             ticker.cancel()
@@ -528,10 +434,12 @@ async def run_latency(
 
 async def run_connections(
     server: ServerProcess, w: Workload, s: Settings, log: Callable[[str], None]
-) -> dict:
+) -> Measured:
     n, size = w.params["clients"], w.params["room_size"]
     meter = Meter(server)
-    rooms, members, senders = [], [], []
+    rooms: list[Room] = []
+    members: list[Member] = []
+    senders: list[Sender] = []
     for r in range((n + size - 1) // size):
         room = Room("/idle-%d" % r, 1 << 40)
         sid = r + 1
@@ -545,37 +453,33 @@ async def run_connections(
     pacer = Pacer()
     try:
         rss0 = meter.rss()
-        a = meter.snap([])
+        a = meter.snap()
         t0, t1 = await _open(server, members, s, log)
-        b = meter.snap([])
+        b = meter.snap()
         rss1 = meter.rss()
-        spot = await _spot(server, rooms[0], [1], s)
+        spot = await _spot(server, rooms[0], s)
         for m in members:
             m.start_reading(pacer)
         # Liveness: one message per room must reach every idle member.
         for snd in senders:
             snd.send(1)
-        drained = await _drain(rooms, spot, rooms[0], None, s.drain_timeout)
-        wall = t1 - t0
-        res = _window(a, b)
-        del res["deliveries"]
-        res.update(
-            wall=wall,
+        drained = await _drain(rooms, spot, None, s.drain_timeout)
+        figures = Handshakes(
             clients=n,
-            room_size=size,
-            value=n / wall,
+            per_s=n / (t1 - t0),
             rss_before=rss0,
             rss_after=rss1,
             rss_per_conn=(None if rss0 is None or rss1 is None else (rss1 - rss0) / n),
         )
-        res.update(_verdict(rooms, spot, server, drained))
-        return res
+        return Measured(verdict(rooms, spot, server, drained), usage_between(a, b), figures)
     finally:
         await _teardown(members, spot)
         pacer.close()
 
 
-RUNNERS = {
+Runner = Callable[[ServerProcess, Workload, Settings, Callable[[str], None]], Awaitable[Measured]]
+
+RUNNERS: dict[str, Runner] = {
     "fanout": run_fanout,
     "latency": run_latency,
     "rooms": run_rooms,

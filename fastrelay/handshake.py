@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
 
@@ -19,9 +20,33 @@ _ACCEPT_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 _HEAD_END = b"\r\n\r\n"
 
-# Characters allowed in a method token (RFC 9110 §5.6.2).
-_TOKEN_CHARS = frozenset(b"!#$%&'*+-.^_`|~0123456789"
-                         b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+# Characters allowed in a token: a method or a field name (RFC 9110 §5.6.2, §5.1).
+_TOKEN_CHARS = frozenset(
+    b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+)
+
+# RFC 9112 §2.2: lines end with CRLF; a CR not followed by LF, or an LF not
+# preceded by CR, is refused rather than read as a line end (a mismatch with a
+# proxy reading it the other way is how requests get smuggled).
+_BARE_CR_OR_LF = re.compile(rb"\r(?=[^\n])|(?<!\r)\n")
+
+# RFC 9110 §5.5: a field value is visible characters, obs-text (0x80-0xFF),
+# SP and HTAB; every other control character is refused.
+_VALUE_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
+
+# RFC 9112 §3.2.2: a server MUST accept the absolute-form. The schemes whose
+# URIs name this relay: http(s) (RFC 9110 §4.2) and ws(s) (RFC 6455 §3).
+# Scheme names are case-insensitive (RFC 3986 §3.1).
+_ABSOLUTE_FORM = re.compile(r"(?i:https?|wss?)://([^/?]*)(.*)", re.DOTALL)
+
+# host[:port] as a reg-name, IPv4 or [IPv6] (RFC 3986 §3.2.2): no userinfo
+# ("@", which RFC 9110 §4.2.4 says to treat as an error), no path, never empty
+# (RFC 9110 §4.2.1).
+_AUTHORITY = re.compile(r"[A-Za-z0-9\-._~%!$&'()*+,;=:\[\]]+")
+
+# A Content-Length of zero: the one length an upgrade request may carry
+# (ASCII digits only; str.isdigit() would also take "²").
+_ZERO_LENGTH = re.compile(r"[ \t]*0+[ \t]*")
 
 # reason key (a metrics label) -> (status, phrase)
 _STATUS = {
@@ -84,16 +109,29 @@ def accept_key(key: str) -> str:
 
 def refuse(reason: str, detail: str, extra_headers: tuple[tuple[str, str], ...] = ()) -> Refuse:
     status, phrase = _STATUS[reason]
-    return Refuse(status, reason, detail, http_response(status, phrase, detail.encode() + b"\n",
-                                                        "text/plain; charset=utf-8", extra_headers))
+    return Refuse(
+        status,
+        reason,
+        detail,
+        http_response(
+            status, phrase, detail.encode() + b"\n", "text/plain; charset=utf-8", extra_headers
+        ),
+    )
 
 
-def http_response(status: int, phrase: str, body: bytes, content_type: str,
-                  extra_headers: tuple[tuple[str, str], ...] = ()) -> bytes:
-    lines = [f"HTTP/1.1 {status} {phrase}",
-             f"Content-Type: {content_type}",
-             f"Content-Length: {len(body)}",
-             "Connection: close"]
+def http_response(
+    status: int,
+    phrase: str,
+    body: bytes,
+    content_type: str,
+    extra_headers: tuple[tuple[str, str], ...] = (),
+) -> bytes:
+    lines = [
+        f"HTTP/1.1 {status} {phrase}",
+        f"Content-Type: {content_type}",
+        f"Content-Length: {len(body)}",
+        "Connection: close",
+    ]
     lines += [f"{name}: {value}" for name, value in extra_headers]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
@@ -117,19 +155,29 @@ def _has_controls(text: str) -> bool:
     return any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
 
 
-def parse_request(data: bytes | memoryview, scan_from: int, limits: Limits) -> Incomplete | Accept | Refuse | PlainGet:
+def parse_request(
+    data: bytes | memoryview, scan_from: int, limits: Limits
+) -> Incomplete | Accept | Refuse | PlainGet:
     """Decide on the request head at the start of `data`.
 
     `scan_from` is where the previous call stopped looking for the blank line
     that ends the head, so a request trickling in byte by byte costs linear
     time in total.
     """
+    if not _looks_like_http(bytes(data[:256])):
+        return refuse("bad_request", "not an HTTP request")
     start = max(0, scan_from - 3)
-    found = bytes(data[start:limits.max_head + len(_HEAD_END)]).find(_HEAD_END)
+    window_end = limits.max_head + len(_HEAD_END)
+    found = bytes(data[start:window_end]).find(_HEAD_END)
     end = start + found if found >= 0 else -1
+    # Look for bare CR or LF only in bytes not examined before (one back, for
+    # a CR that ended the previous read) up to the CRLF ending the last
+    # field line: a request ending its lines with LF alone is refused when it
+    # arrives instead of waiting for a CRLF CRLF that never comes.
+    head_seen = end + 2 if end >= 0 else min(len(data), window_end)
+    if _BARE_CR_OR_LF.search(data, max(0, scan_from - 1), head_seen):
+        return refuse("bad_request", "bare CR or LF in the request head")
     if end < 0:
-        if not _looks_like_http(bytes(data[:256])):
-            return refuse("bad_request", "not an HTTP request")
         if len(data) > limits.max_head:
             return refuse("headers_too_large", f"request head over {limits.max_head} bytes")
         return Incomplete(len(data))
@@ -146,8 +194,12 @@ def parse_request(data: bytes | memoryview, scan_from: int, limits: Limits) -> I
 def _decide(head: str, consumed: int, limits: Limits) -> Accept | Refuse | PlainGet:
     request_line, *header_lines = head.split("\r\n")
     parts = request_line.split(" ")
-    if (_has_controls(request_line) or len(parts) != 3 or not parts[0]
-            or not all(ord(c) in _TOKEN_CHARS for c in parts[0])):
+    if (
+        _has_controls(request_line)
+        or len(parts) != 3
+        or not parts[0]
+        or not all(ord(c) in _TOKEN_CHARS for c in parts[0])
+    ):
         return refuse("bad_request", "malformed request line")
     method, target, version = parts
     if not version.startswith("HTTP/") or version[5:] not in ("1.0", "1.1"):
@@ -157,11 +209,16 @@ def _decide(head: str, consumed: int, limits: Limits) -> Accept | Refuse | Plain
 
     headers: dict[str, list[str]] = {}
     for line in header_lines:
+        if line[:1] in (" ", "\t"):
+            # RFC 9112 §5.2: obsolete line folding (and whitespace before the
+            # first field, §2.2) is refused, not unfolded.
+            return refuse("bad_request", "obsolete line folding")
         name, sep, value = line.partition(":")
-        # RFC 9112 §5: no whitespace before the colon, and obsolete line
-        # folding is rejected.
-        if not sep or not name or name != name.strip() or line[0] in " \t":
-            return refuse("bad_request", "malformed header field")
+        # RFC 9112 §5.1: the name is a token right up to the colon.
+        if not sep or not _is_token(name):
+            return refuse("bad_request", "malformed header field name")
+        if _VALUE_CONTROL.search(value):
+            return refuse("bad_request", f"control character in header field {name}")
         headers.setdefault(name.lower(), []).append(value.strip(" \t"))
 
     if method != "GET":
@@ -170,9 +227,9 @@ def _decide(head: str, consumed: int, limits: Limits) -> Accept | Refuse | Plain
     if version != "HTTP/1.1":
         # RFC 6455 §4.1: HTTP/1.1 or later.
         return refuse("bad_request", "HTTP/1.1 required")
-    if not target.startswith("/"):
-        return refuse("bad_request", "request target must be a path")
-    path = target.split("?", 1)[0]
+    path = _target_path(target)
+    if path is None:
+        return refuse("bad_request", "request target must be a path or an http(s)/ws(s) URI")
     try:
         # Raw bytes above 0x7F (sent unencoded by some clients) and %XX
         # escapes both decode to the same UTF-8 room name.
@@ -184,8 +241,12 @@ def _decide(head: str, consumed: int, limits: Limits) -> Accept | Refuse | Plain
         values = headers.get(name)
         return values[0] if values and len(values) == 1 else None
 
-    if len(headers.get("host", ())) != 1:
-        return refuse("bad_request", "exactly one Host header required")
+    hosts = headers.get("host", [])
+    if len(hosts) != 1 or not _AUTHORITY.fullmatch(hosts[0]):
+        # RFC 9112 §3.2: none, several, or an invalid one is a 400.
+        return refuse("bad_request", "exactly one valid Host header required")
+    if _announces_body(headers):
+        return refuse("bad_request", "request announces a body")
     upgrade = ",".join(headers.get("upgrade", ()))
     if "websocket" not in _tokens(upgrade):
         if not upgrade:
@@ -193,6 +254,10 @@ def _decide(head: str, consumed: int, limits: Limits) -> Accept | Refuse | Plain
         return refuse("upgrade_required", "Upgrade: websocket required", UPGRADE_HEADERS)
     if "upgrade" not in _tokens(",".join(headers.get("connection", ()))):
         return refuse("bad_request", "Connection: Upgrade required")
+    for name in ("sec-websocket-version", "sec-websocket-key"):
+        if len(headers.get(name, ())) > 1:
+            # RFC 6455 §4.1: each is sent once; two may disagree.
+            return refuse("bad_request", f"duplicate {name} header")
     if single("sec-websocket-version") != "13":
         # RFC 6455 §4.4: name the version we speak.
         return refuse("upgrade_required", "unsupported Sec-WebSocket-Version", UPGRADE_HEADERS)
@@ -207,12 +272,14 @@ def _decide(head: str, consumed: int, limits: Limits) -> Accept | Refuse | Plain
             return refuse("forbidden_origin", f"origin {origin!r} not allowed")
 
     deflate = limits.compression and _offers_deflate(headers.get("sec-websocket-extensions", []))
-    response = ("HTTP/1.1 101 Switching Protocols\r\n"
-                "Upgrade: websocket\r\n"
-                "Connection: Upgrade\r\n"
-                f"Sec-WebSocket-Accept: {accept_key(key)}\r\n"
-                + (f"Sec-WebSocket-Extensions: {DEFLATE_RESPONSE}\r\n" if deflate else "")
-                + "\r\n").encode("ascii")
+    response = (
+        "HTTP/1.1 101 Switching Protocols\r\n"
+        "Upgrade: websocket\r\n"
+        "Connection: Upgrade\r\n"
+        f"Sec-WebSocket-Accept: {accept_key(key)}\r\n"
+        + (f"Sec-WebSocket-Extensions: {DEFLATE_RESPONSE}\r\n" if deflate else "")
+        + "\r\n"
+    ).encode("ascii")
     return Accept(room, response, consumed, deflate)
 
 
@@ -243,7 +310,9 @@ def _offers_deflate(values: list[str]) -> bool:
                 acceptable = acceptable and not value
             elif key == "client_max_window_bits":
                 # We inflate with a 15-bit window, which reads any smaller one.
-                acceptable = acceptable and (not value or (value.isdigit() and 8 <= int(value) <= 15))
+                acceptable = acceptable and (
+                    not value or (value.isascii() and value.isdigit() and 8 <= int(value) <= 15)
+                )
             elif key == "server_max_window_bits":
                 acceptable = acceptable and value == "15"
             else:
@@ -251,6 +320,33 @@ def _offers_deflate(values: list[str]) -> bool:
         if acceptable:
             return True
     return False
+
+
+def _is_token(text: str) -> bool:
+    return bool(text) and all(ord(c) in _TOKEN_CHARS for c in text)
+
+
+def _target_path(target: str) -> str | None:
+    """The path of an origin-form or absolute-form target (RFC 9112 §3.2.1,
+    §3.2.2), query removed; None for the asterisk- and authority-forms, which
+    a GET may not use, and for URIs of other schemes or without a host."""
+    if target.startswith("/"):
+        return target.split("?", 1)[0]
+    absolute = _ABSOLUTE_FORM.fullmatch(target)
+    if absolute is None or not _AUTHORITY.fullmatch(absolute[1]):
+        return None
+    # An empty path is the root (RFC 9110 §4.2.3).
+    return absolute[2].split("?", 1)[0] or "/"
+
+
+def _announces_body(headers: dict[str, list[str]]) -> bool:
+    """Any Transfer-Encoding, or a Content-Length other than 0 (RFC 9112
+    §6.1, §6.2). The upgrade request has no body (RFC 6455 §4.1) and what
+    follows its head is read as frames, so a body would be misread."""
+    if "transfer-encoding" in headers:
+        return True
+    lengths = ",".join(headers.get("content-length", ["0"])).split(",")
+    return not all(_ZERO_LENGTH.fullmatch(length) for length in lengths)
 
 
 def _key_is_valid(key: str) -> bool:

@@ -95,9 +95,7 @@ class ReopenableFileHandler(logging.StreamHandler):  # type: ignore[type-arg]
 class LogSink:
     """What setup_logging() installed: the logger and its output."""
 
-    def __init__(
-        self, logger: logging.Logger, handler: logging.Handler, output: str
-    ) -> None:
+    def __init__(self, logger: logging.Logger, handler: logging.Handler, output: str) -> None:
         self.logger = logger
         self.handler = handler
         self.output = output
@@ -128,9 +126,7 @@ def setup_logging(output: str, level: str) -> LogSink:
     replaces the previous setup.
     """
     if level not in LEVELS:
-        raise ValueError(
-            f"unknown log level {level!r}; expected one of {', '.join(LEVELS)}"
-        )
+        raise ValueError(f"unknown log level {level!r}; expected one of {', '.join(LEVELS)}")
     handler: logging.Handler
     if output == "stdout":
         handler = logging.StreamHandler(sys.stdout)

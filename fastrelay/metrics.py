@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
 
 from prometheus_client import (
     CollectorRegistry,
@@ -30,18 +31,15 @@ log = logging.getLogger("fastrelay.metrics")
 
 # generate_latest() writes the 0.0.4 text format; newer prometheus_client
 # versions name that content type explicitly, older ones call it LATEST.
-CONTENT_TYPE = getattr(
-    exposition, "CONTENT_TYPE_PLAIN_0_0_4", exposition.CONTENT_TYPE_LATEST
-)
+CONTENT_TYPE = getattr(exposition, "CONTENT_TYPE_PLAIN_0_0_4", exposition.CONTENT_TYPE_LATEST)
 
 
-class MetricDef(NamedTuple):
+@dataclass(frozen=True)
+class MetricDef:
     name: str  # exposed name, exactly
-    type: str  # "gauge" or "counter"
+    type: Literal["gauge", "counter"]
     key: str  # snapshot key
-    label: (
-        str | None
-    )  # for labelled metrics: the snapshot value is {label value: count}
+    label: str | None  # for labelled metrics: the snapshot value is {label value: count}
     help: str
 
 
@@ -96,9 +94,7 @@ METRICS = (
         None,
         "Bytes written to clients' sockets.",
     ),
-    MetricDef(
-        "websocket_rooms", "gauge", "rooms", None, "Rooms with at least one member now."
-    ),
+    MetricDef("websocket_rooms", "gauge", "rooms", None, "Rooms with at least one member now."),
     MetricDef(
         "websocket_handshake_failures_total",
         "counter",
@@ -140,8 +136,9 @@ METRICS = (
 class RelayCollector(Collector):
     """Reads the relay's counters at scrape time.
 
-    Keys missing from the snapshot read as 0, so the relay can grow its
-    snapshot without breaking the exposition.
+    Every key of METRICS must be in the snapshot: a missing one raises
+    KeyError, which fails the scrape (500, logged) rather than exporting a 0
+    that looks like a real value.
     """
 
     def __init__(self, snapshot: Snapshot) -> None:
@@ -154,12 +151,12 @@ class RelayCollector(Collector):
             # CounterMetricFamily strips a trailing "_total" from the family
             # name and adds it back to the sample, so `m.name` is exposed as is.
             if m.label is None:
-                yield family_cls(m.name, m.help, value=snap.get(m.key) or 0)
+                yield family_cls(m.name, m.help, value=snap[m.key])
                 continue
             family = family_cls(m.name, m.help, labels=[m.label])
-            by_label = snap.get(m.key) or {}
+            by_label = snap[m.key]
             for label_value in sorted(by_label, key=str):
-                family.add_metric([str(label_value)], by_label[label_value] or 0)
+                family.add_metric([str(label_value)], by_label[label_value])
             yield family
 
 
@@ -236,9 +233,7 @@ class MetricsServer:
         await self._server.wait_closed()
         self._server = None
 
-    async def _handle(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._handlers.add(task)
@@ -252,13 +247,9 @@ class MetricsServer:
             self._handlers.discard(task)
             writer.close()
 
-    async def _read_and_route(
-        self, reader: asyncio.StreamReader
-    ) -> tuple[Response, bool]:
+    async def _read_and_route(self, reader: asyncio.StreamReader) -> tuple[Response, bool]:
         try:
-            head = await asyncio.wait_for(
-                reader.readuntil(b"\r\n\r\n"), self._request_timeout
-            )
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self._request_timeout)
         except asyncio.TimeoutError:
             return Response(408, b"request timeout\n"), False
         except asyncio.LimitOverrunError:
@@ -288,11 +279,7 @@ class MetricsServer:
         if path == "/healthz":
             return Response(200, b"ok")
         if path == "/readyz":
-            return (
-                Response(200, b"ready")
-                if self._ready()
-                else Response(503, b"not ready")
-            )
+            return Response(200, b"ready") if self._ready() else Response(503, b"not ready")
         return Response(404, b"not found\n")
 
 

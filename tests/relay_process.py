@@ -157,23 +157,32 @@ class RelayProcess:
         """Consume lines of `stream` ("stdout" or "stderr") up to the first
         one matching `pattern`; fail if the stream ends or `timeout` passes first."""
         lines: OutputLines = getattr(self, stream)
+        regex = re.compile(pattern)
         deadline = time.monotonic() + timeout
         while True:
             try:
                 line = lines.next_line(deadline)
             except TimeoutError:
                 raise AssertionError(
-                    f"{self.name}: no line matching {pattern!r} on {stream} within "
+                    f"{self.name}: no line matching {regex.pattern!r} on {stream} within "
                     f"{timeout}s\n{self.output()}"
                 ) from None
             if line is None:
                 raise AssertionError(
-                    f"{self.name}: {stream} ended (exit status {self.proc.poll()}) before a "
-                    f"line matching {pattern!r}\n{self.output()}"
+                    f"{self.name}: {stream} ended ({self._ended_how()}) before a line "
+                    f"matching {regex.pattern!r}\n{self.output()}"
                 )
-            match = re.search(pattern, line)
+            match = regex.search(line)
             if match:
                 return match
+
+    def _ended_how(self) -> str:
+        # A closed stream usually means the process is exiting: give it a
+        # bounded moment so the message can name the exit status.
+        try:
+            return f"exit status {self.proc.wait(STOP_TIMEOUT)}"
+        except subprocess.TimeoutExpired:
+            return "the process is still running"
 
     def send_signal(self, sig: int) -> None:
         self.proc.send_signal(sig)  # by PID; nothing is sent once it has been reaped

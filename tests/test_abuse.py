@@ -9,6 +9,7 @@ import struct
 
 import psutil
 import pytest
+from relay_process import METRICS_ON
 
 from scrape import scrape
 from wsraw import RawClient, frame, handshake_request
@@ -26,8 +27,15 @@ RSS_BOUND = 200 * 1024 * 1024
 WINDOW = 16
 
 
-async def healthy_reader(port: int, path: str, ready: asyncio.Event, counter: list,
-                         progress: list[int], moved: asyncio.Event, index: int) -> list[int]:
+async def healthy_reader(
+    port: int,
+    path: str,
+    ready: asyncio.Event,
+    counter: list,
+    progress: list[int],
+    moved: asyncio.Event,
+    index: int,
+) -> list[int]:
     """Raw reader: every frame is binary, 16 KiB, carrying its sequence
     number in the first 4 bytes. Returns the numbers in arrival order."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -55,9 +63,12 @@ def run_slow_consumer_room(relay, path: str) -> tuple[list[list[int]], RawClient
         moved = asyncio.Event()
         counter: list = []
         progress = [0] * HEALTHY
-        readers = [asyncio.create_task(healthy_reader(relay.port, path, ready, counter,
-                                                      progress, moved, i))
-                   for i in range(HEALTHY)]
+        readers = [
+            asyncio.create_task(
+                healthy_reader(relay.port, path, ready, counter, progress, moved, i)
+            )
+            for i in range(HEALTHY)
+        ]
         await asyncio.wait_for(ready.wait(), 20)
         slow = RawClient(relay.port, path)  # joins, then never reads
         slow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -79,14 +90,12 @@ def run_slow_consumer_room(relay, path: str) -> tuple[list[list[int]], RawClient
 
 @pytest.mark.timeout(180)  # 32 MiB to 21 clients; generous for a loaded CI machine
 def test_slow_consumer_is_disconnected_and_others_get_everything(relay_factory):
-    relay = relay_factory({"metrics": {"enabled": True, "host": "127.0.0.1", "port": 0},
-                           "relay": {"echo": False},
-                           "timeouts": {"close": 1.0}})
+    relay = relay_factory({**METRICS_ON, "relay": {"echo": False}, "timeouts": {"close": 1.0}})
     results, slow = run_slow_consumer_room(relay, "/slow")
     try:
         for seqs in results:
             assert seqs == list(range(COUNT))
-        assert psutil.Process(relay.proc.pid).memory_info().rss < RSS_BOUND
+        assert psutil.Process(relay.pid).memory_info().rss < RSS_BOUND
         # The slow client was cut off: its socket ends (close frame somewhere
         # in what was queued, then EOF or reset once the close timeout hits).
         slow.sock.settimeout(30)
@@ -104,14 +113,13 @@ def test_slow_consumer_is_disconnected_and_others_get_everything(relay_factory):
 
 @pytest.mark.timeout(180)
 def test_drop_policy_skips_messages_for_the_slow_client(relay_factory):
-    relay = relay_factory({"metrics": {"enabled": True, "host": "127.0.0.1", "port": 0},
-                           "relay": {"echo": False},
-                           "limits": {"slow_client_policy": "drop"}})
+    policy = {"slow_client_policy": "drop"}
+    relay = relay_factory({**METRICS_ON, "relay": {"echo": False}, "limits": policy})
     results, slow = run_slow_consumer_room(relay, "/drop")
     try:
         for seqs in results:
             assert seqs == list(range(COUNT))
-        assert psutil.Process(relay.proc.pid).memory_info().rss < RSS_BOUND
+        assert psutil.Process(relay.pid).memory_info().rss < RSS_BOUND
         values = scrape(relay.metrics_url)
         assert values["websocket_slow_client_drops_total"] > 0
         assert values["websocket_slow_client_disconnects_total"] == 0
@@ -141,6 +149,7 @@ def test_keepalive_closes_a_client_that_stops_answering(relay_factory):
 
 def test_keepalive_keeps_a_client_that_answers(relay_factory):
     import websockets
+
     relay = relay_factory({"timeouts": {"ping_interval": 0.1, "ping_timeout": 0.5}})
 
     async def main():
@@ -181,13 +190,14 @@ def test_max_connections_answers_503(relay_factory):
 
 
 def test_handshake_timeout_closes_a_trickling_client(relay_factory):
-    relay = relay_factory({"timeouts": {"handshake": 0.3},
-                           "metrics": {"enabled": True, "host": "127.0.0.1", "port": 0}})
+    relay = relay_factory({**METRICS_ON, "timeouts": {"handshake": 0.3}})
     client = RawClient(relay.port, handshake=False)
     try:
         client.send(b"GET / HTTP/1.1\r\nHost: x\r\n")  # never finishes
         assert client.read_to_eof() == b""
-        assert scrape(relay.metrics_url)['websocket_handshake_failures_total{reason="timeout"}'] == 1
+        assert (
+            scrape(relay.metrics_url)['websocket_handshake_failures_total{reason="timeout"}'] == 1
+        )
     finally:
         client.close()
 

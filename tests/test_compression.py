@@ -50,19 +50,17 @@ class DeflateClient(RawClient):
 
 
 @pytest.fixture(scope="module")
-def zrelay(tmp_path_factory):
-    from conftest import start_relay
-    relay = start_relay(tmp_path_factory.mktemp("deflate"),
-                        {"relay": {"compression": True, "max_message_size": 65536}})
-    yield relay
-    relay.stop()
+def zrelay(module_relay_factory):
+    return module_relay_factory({"relay": {"compression": True, "max_message_size": 65536}})
 
 
 def test_negotiates_without_context_takeover(zrelay):
     client = DeflateClient(zrelay.port, "/neg")
     try:
-        assert (b"Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover; "
-                b"client_no_context_takeover") in client.head
+        assert (
+            b"Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover; "
+            b"client_no_context_takeover"
+        ) in client.head
     finally:
         client.close()
 
@@ -77,8 +75,12 @@ def test_not_negotiated_when_off_or_not_offered(relay, zrelay):
         plain.send(handshake_request("/x"))
         assert b"Sec-WebSocket-Extensions" not in plain.read_http_head()
         # An offer limiting our window below 15 bits is declined, not failed.
-        odd.send(handshake_request("/x", extra="Sec-WebSocket-Extensions: permessage-deflate; "
-                                                "server_max_window_bits=10\r\n"))
+        odd.send(
+            handshake_request(
+                "/x",
+                extra="Sec-WebSocket-Extensions: permessage-deflate; server_max_window_bits=10\r\n",
+            )
+        )
         head = odd.read_http_head()
         assert head.startswith(b"HTTP/1.1 101 ") and b"Sec-WebSocket-Extensions" not in head
     finally:
@@ -108,7 +110,10 @@ def test_compressed_and_plain_members_get_the_same_message(zrelay):
 
 
 CASES = {
-    "rsv1 on a continuation": ([frame(0x1, b"a", fin=False), frame(0x0, deflate(b"b"), rsv=4)], 1002),
+    "rsv1 on a continuation": (
+        [frame(0x1, b"a", fin=False), frame(0x0, deflate(b"b"), rsv=4)],
+        1002,
+    ),
     "rsv1 on a ping": ([frame(0x9, b"", rsv=4)], 1002),
     "not deflate data": ([frame(0x2, b"\xff\xff\xff\xff garbage", rsv=4)], 1007),
     "inflates over the size limit": ([compressed_frame(0x2, bytes(70000))], 1009),
@@ -141,8 +146,10 @@ def test_websockets_client_with_and_without_compression(zrelay):
     big = "compress me " * 2000
 
     async def main():
-        async with websockets.connect(zrelay.ws("/ws-z"), open_timeout=STEP) as z, \
-                websockets.connect(zrelay.ws("/ws-z"), open_timeout=STEP, compression=None) as plain:
+        async with (
+            websockets.connect(zrelay.ws("/ws-z"), open_timeout=STEP) as z,
+            websockets.connect(zrelay.ws("/ws-z"), open_timeout=STEP, compression=None) as plain,
+        ):
             assert z.protocol.extensions, "permessage-deflate was not negotiated"
             assert not plain.protocol.extensions
             await z.send(big)

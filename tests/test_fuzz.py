@@ -36,9 +36,13 @@ def mutate(data: bytes, edits: list[tuple[int, int, int]]) -> bytes:
 
 requests = st.one_of(
     st.binary(max_size=2048),
-    st.builds(mutate, st.just(VALID_REQUEST),
-              st.lists(st.tuples(st.integers(0, 2), st.integers(0, 4096), st.integers(0, 255)),
-                       max_size=8)),
+    st.builds(
+        mutate,
+        st.just(VALID_REQUEST),
+        st.lists(
+            st.tuples(st.integers(0, 2), st.integers(0, 4096), st.integers(0, 255)), max_size=8
+        ),
+    ),
 )
 
 
@@ -48,7 +52,7 @@ def test_handshake_parser_always_decides_validly(data, steps):
     scan_from, fed, pos = 0, b"", 0
     result = handshake.Incomplete(0)
     for step in steps + [len(data)]:
-        fed = data[:pos + step]
+        fed = data[: pos + step]
         pos += step
         result = handshake.parse_request(memoryview(fed), scan_from, LIMITS)
         if not isinstance(result, handshake.Incomplete):
@@ -74,7 +78,7 @@ def test_frame_reader_returns_frames_or_a_close_code(data, steps):
     pos = 0
     try:
         for step in steps + [len(data)]:
-            for fin, opcode, payload in reader.feed(data[pos:pos + step]):
+            for fin, opcode, payload in reader.feed(data[pos : pos + step]):
                 assert opcode in (0, 1, 2, 8, 9, 10)
                 assert opcode < 8 or (fin and len(payload) <= 125)
             pos += step
@@ -83,14 +87,14 @@ def test_frame_reader_returns_frames_or_a_close_code(data, steps):
 
 
 @pytest.fixture(scope="module")
-def fuzz_relay(tmp_path_factory):
-    from conftest import start_relay
-    relay = start_relay(tmp_path_factory.mktemp("fuzz"),
-                        {"relay": {"max_message_size": 8192}, "logging": {"level": "debug"}})
+def fuzz_relay(module_relay_factory):
+    relay = module_relay_factory(
+        {"relay": {"max_message_size": 8192}, "logging": {"level": "debug"}}
+    )
     yield relay
     assert relay.stop() == 0
     # Nothing raised inside the relay reached the event loop's handler.
-    text = relay.log_path.read_text()
+    text = relay.stderr.text()
     assert "closing" in text  # the log is the right one, at debug level
     assert "Traceback" not in text and "[ERROR]" not in text, text[-2000:]
 
@@ -110,15 +114,22 @@ def read_server_output(sock: socket.socket) -> bytes:
 frame_soup = st.lists(
     st.one_of(
         st.binary(max_size=64),
-        st.builds(lambda op, p, fin, rsv, m: frame(op, p, fin=fin, rsv=rsv, mask=m),
-                  st.integers(0, 15), st.binary(max_size=300), st.booleans(),
-                  st.sampled_from([0, 0, 0, 1, 4]), st.sampled_from([True, True, True, False])),
+        st.builds(
+            lambda op, p, fin, rsv, m: frame(op, p, fin=fin, rsv=rsv, mask=m),
+            st.integers(0, 15),
+            st.binary(max_size=300),
+            st.booleans(),
+            st.sampled_from([0, 0, 0, 1, 4]),
+            st.sampled_from([True, True, True, False]),
+        ),
     ),
     max_size=8,
 )
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(frame_soup, st.lists(st.integers(1, 200), max_size=6))
 def test_relay_answers_random_frames_with_valid_output(fuzz_relay, chunks, cuts):
     data = b"".join(chunks)
@@ -135,7 +146,7 @@ def test_relay_answers_random_frames_with_valid_output(fuzz_relay, chunks, cuts)
         pos = 0
         for cut in cuts + [len(data)]:
             try:
-                sock.sendall(data[pos:pos + cut])
+                sock.sendall(data[pos : pos + cut])
             except (BrokenPipeError, ConnectionResetError):
                 break
             pos += cut
@@ -149,7 +160,9 @@ def test_relay_answers_random_frames_with_valid_output(fuzz_relay, chunks, cuts)
         sock.close()
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(requests)
 def test_relay_answers_random_requests_with_valid_http(fuzz_relay, data):
     sock = socket.create_connection(("127.0.0.1", fuzz_relay.port), timeout=10)

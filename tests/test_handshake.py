@@ -20,18 +20,27 @@ def request(lines: list[str]) -> bytes:
 
 
 def good(path="/", *, drop=(), replace=None, method="GET", version="HTTP/1.1"):
-    headers = {"Host": "127.0.0.1", "Upgrade": "websocket", "Connection": "Upgrade",
-               "Sec-WebSocket-Key": KEY, "Sec-WebSocket-Version": "13"}
+    headers = {
+        "Host": "127.0.0.1",
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Key": KEY,
+        "Sec-WebSocket-Version": "13",
+    }
     headers.update(replace or {})
-    return request([f"{method} {path} {version}"]
-                   + [f"{k}: {v}" for k, v in headers.items() if k not in drop])
+    return request(
+        [f"{method} {path} {version}"] + [f"{k}: {v}" for k, v in headers.items() if k not in drop]
+    )
 
 
 TABLE = {
     "valid": (good(), 101),
     "missing key": (good(drop=("Sec-WebSocket-Key",)), 400),
     "key not base64": (good(replace={"Sec-WebSocket-Key": "not base64!!"}), 400),
-    "key of 15 bytes": (good(replace={"Sec-WebSocket-Key": base64.b64encode(b"x" * 15).decode()}), 400),
+    "key of 15 bytes": (
+        good(replace={"Sec-WebSocket-Key": base64.b64encode(b"x" * 15).decode()}),
+        400,
+    ),
     "wrong version": (good(replace={"Sec-WebSocket-Version": "8"}), 426),
     "missing version": (good(drop=("Sec-WebSocket-Version",)), 426),
     "POST": (good(method="POST"), 405),
@@ -42,25 +51,70 @@ TABLE = {
     "Connection: keep-alive only": (good(replace={"Connection": "keep-alive"}), 400),
     "Connection: keep-alive, Upgrade": (good(replace={"Connection": "keep-alive, Upgrade"}), 101),
     "missing Host": (good(drop=("Host",)), 400),
-    "lowercase names and values": (request([
-        "GET /x HTTP/1.1", "host: h", "upgrade: WebSocket", "connection: upgrade",
-        f"sec-websocket-key: {KEY}", "sec-websocket-version: 13"]), 101),
-    "UPPERCASE names and values": (request([
-        "GET /x HTTP/1.1", "HOST: h", "UPGRADE: WEBSOCKET", "CONNECTION: UPGRADE",
-        f"SEC-WEBSOCKET-KEY: {KEY}", "SEC-WEBSOCKET-VERSION: 13"]), 101),
+    "lowercase names and values": (
+        request(
+            [
+                "GET /x HTTP/1.1",
+                "host: h",
+                "upgrade: WebSocket",
+                "connection: upgrade",
+                f"sec-websocket-key: {KEY}",
+                "sec-websocket-version: 13",
+            ]
+        ),
+        101,
+    ),
+    "UPPERCASE names and values": (
+        request(
+            [
+                "GET /x HTTP/1.1",
+                "HOST: h",
+                "UPGRADE: WEBSOCKET",
+                "CONNECTION: UPGRADE",
+                f"SEC-WEBSOCKET-KEY: {KEY}",
+                "SEC-WEBSOCKET-VERSION: 13",
+            ]
+        ),
+        101,
+    ),
     "head over the limit": (good(replace={"X-Filler": "a" * 9000}), 431),
-    "too many headers": (request(["GET / HTTP/1.1", "Host: h"] + [f"X-{i}: v" for i in range(70)]), 431),
+    "too many headers": (
+        request(["GET / HTTP/1.1", "Host: h"] + [f"X-{i}: v" for i in range(70)]),
+        431,
+    ),
     "plain GET without upgrade": (request(["GET / HTTP/1.1", "Host: h"]), 426),
     "garbage": (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(40)), 400),
     "malformed request line": (request(["GET /", "Host: h"]), 400),
-    "header without colon": (good(replace={"Broken header line": ""}).replace(b"Broken header line: ", b"Broken"), 400),
-    "absolute-form target": (good(path="http://example.test/"), 400),
+    "header without colon": (
+        good(replace={"Broken header line": ""}).replace(b"Broken header line: ", b"Broken"),
+        400,
+    ),
+    # RFC 9112 §3.2.2: a server MUST accept the absolute-form.
+    "absolute-form target": (good(path="http://example.test/"), 101),
+    "asterisk-form target": (good(path="*"), 400),
+    "authority-form target": (good(path="example.test:443"), 400),
+    "Transfer-Encoding on the upgrade": (good(replace={"Transfer-Encoding": "chunked"}), 400),
+    "NUL in a header value": (good(replace={"X-Note": "a\x00b"}), 400),
+    "bare LF in a header value": (good(replace={"X-Note": "a\nb"}), 400),
+    "header lines ended by LF alone": (good().replace(b"\r\n", b"\n"), 400),
+    "Content-Length: 5 on the upgrade": (good(replace={"Content-Length": "5"}), 400),
+    "duplicate Host": (good().replace(b"\r\n\r\n", b"\r\nHost: 127.0.0.1\r\n\r\n"), 400),
+    "duplicate Sec-WebSocket-Key": (
+        good().replace(b"\r\n\r\n", f"\r\nSec-WebSocket-Key: {KEY}\r\n\r\n".encode()),
+        400,
+    ),
+    "duplicate Sec-WebSocket-Version": (
+        good().replace(b"\r\n\r\n", b"\r\nSec-WebSocket-Version: 13\r\n\r\n"),
+        400,
+    ),
+    "obsolete line folding": (good(replace={"X-Note": "a\r\n b"}), 400),
 }
 
 
 @pytest.fixture(scope="module")
 def hs_relay(tmp_path_factory):
     from conftest import start_relay
+
     relay = start_relay(tmp_path_factory.mktemp("hs"), {"relay": {"serve_demo": False}})
     yield relay
     relay.stop()
@@ -170,7 +224,7 @@ def test_parser_is_invariant_under_splits(cut_every):
     assert isinstance(whole, handshake.Accept)
     split = feed_in_pieces(data, list(range(cut_every, len(data), cut_every)))
     assert split == whole
-    assert data[whole.consumed:] == b"\x81\x80trailing-frame-bytes"
+    assert data[whole.consumed :] == b"\x81\x80trailing-frame-bytes"
     assert whole.room == "/room"
 
 

@@ -11,9 +11,7 @@ import pytest
 
 from fastrelay.logs import LOGGER_NAME, LineFormatter, setup_logging
 
-LINE = re.compile(
-    r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z \[(DEBUG|INFO|WARN|ERROR)\] (.*)$"
-)
+LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z \[(DEBUG|INFO|WARN|ERROR)\] (.*)$")
 
 
 @pytest.fixture(autouse=True)
@@ -45,9 +43,7 @@ def test_format_is_utc_iso_with_milliseconds_and_level():
         "fastrelay", logging.WARNING, __file__, 1, "hello %s", ("world",), None
     )
     record.created = calendar.timegm((2026, 11, 29, 5, 30, 0)) + 0.123
-    assert (
-        LineFormatter().format(record) == "2026-11-29T05:30:00.123Z [WARN] hello world"
-    )
+    assert LineFormatter().format(record) == "2026-11-29T05:30:00.123Z [WARN] hello world"
 
 
 @pytest.mark.parametrize(
@@ -72,9 +68,7 @@ def test_newlines_in_a_message_cannot_forge_lines():
         "fastrelay", logging.INFO, __file__, 1, "closing: %s", (forged,), None
     )
     line = LineFormatter().format(record)
-    assert line.endswith(
-        "[INFO] closing: bye\\n2026-01-01T00:00:00.000Z [ERROR] forged\\r"
-    )
+    assert line.endswith("[INFO] closing: bye\\n2026-01-01T00:00:00.000Z [ERROR] forged\\r")
     assert len(line.splitlines()) == 1
 
 
@@ -105,9 +99,7 @@ def test_lines_below_the_level_are_not_written(capsys, level, written):
     lines = capsys.readouterr().err.splitlines()
     assert [LINE.match(line).group(2) for line in lines] == written
     labels = [LINE.match(line).group(1) for line in lines]
-    assert labels == [
-        {"d": "DEBUG", "i": "INFO", "w": "WARN", "e": "ERROR"}[w[0]] for w in written
-    ]
+    assert labels == [{"d": "DEBUG", "i": "INFO", "w": "WARN", "e": "ERROR"}[w[0]] for w in written]
 
 
 def test_child_loggers_go_through_the_same_sink(capsys):
@@ -179,9 +171,7 @@ def test_reopen_after_rotation_writes_to_a_new_file(tmp_path):
         "before rotation",
         "after rename, before reopen",
     ]
-    assert [LINE.match(line).group(2) for line in path.read_text().splitlines()] == [
-        "after reopen"
-    ]
+    assert [LINE.match(line).group(2) for line in path.read_text().splitlines()] == ["after reopen"]
 
 
 def test_reopen_that_fails_keeps_the_old_file(tmp_path):

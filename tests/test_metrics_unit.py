@@ -13,6 +13,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from fastrelay._frames import Hub
 from fastrelay.metrics import (
     METRICS,
     MetricsServer,
@@ -40,6 +41,20 @@ FULL_SNAPSHOT = {
 }
 
 
+# Counted by the server, which parses the upgrade in Python, and added by
+# Relay.snapshot() to Hub.counters(); every other metric reads a Hub counter.
+SERVER_KEYS = {"handshake_failures"}
+
+
+def hub_counters() -> dict[str, Any]:
+    """counters() of a real, fresh Hub."""
+    loop = asyncio.new_event_loop()
+    try:
+        return Hub(loop).counters()
+    finally:
+        loop.close()
+
+
 def exposition(snapshot: dict[str, Any]) -> str:
     return generate_latest(build_registry(lambda: snapshot)).decode()
 
@@ -48,6 +63,33 @@ def sample(text: str, name: str, labels: str = "") -> float:
     match = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.MULTILINE)
     assert match, f"{name}{labels} not in exposition"
     return float(match.group(1))
+
+
+# --- the keys: Hub.counters() and the metrics table ---
+
+
+def test_hub_counters_and_the_metrics_table_name_the_same_keys():
+    counter_keys = set(hub_counters())
+    table_keys = {m.key for m in METRICS}
+    assert counter_keys - table_keys == set(), "Hub counters that no metric exports"
+    assert table_keys - SERVER_KEYS - counter_keys == set(), "metrics reading keys Hub lacks"
+    assert SERVER_KEYS.isdisjoint(counter_keys)
+
+
+def test_a_real_hub_snapshot_is_exported_whole():
+    snapshot = {**hub_counters(), "handshake_failures": {}}
+    for m in METRICS:
+        # Labelled metrics read a {label value: count} mapping, the others a number.
+        assert isinstance(snapshot[m.key], dict) == (m.label is not None), m.key
+    text = exposition(snapshot)
+    for m in METRICS:
+        assert f"# TYPE {m.name} {m.type}\n" in text
+        if m.label is None:
+            assert sample(text, m.name) == 0
+
+
+def test_the_full_snapshot_used_here_has_exactly_the_table_keys():
+    assert set(FULL_SNAPSHOT) == {m.key for m in METRICS}
 
 
 # --- the collector ---
@@ -75,16 +117,8 @@ def test_every_metric_is_exposed_with_its_value():
     assert sample(text, "websocket_received_bytes_total") == 1000
     assert sample(text, "websocket_sent_bytes_total") == 3000
     assert sample(text, "websocket_rooms") == 2
-    assert (
-        sample(text, "websocket_handshake_failures_total", '{reason="bad_request"}')
-        == 1
-    )
-    assert (
-        sample(
-            text, "websocket_handshake_failures_total", '{reason="forbidden_origin"}'
-        )
-        == 4
-    )
+    assert sample(text, "websocket_handshake_failures_total", '{reason="bad_request"}') == 1
+    assert sample(text, "websocket_handshake_failures_total", '{reason="forbidden_origin"}') == 4
     assert sample(text, "websocket_closes_total", '{code="1000"}') == 2
     assert sample(text, "websocket_closes_total", '{code="1001"}') == 1
     assert sample(text, "websocket_slow_client_disconnects_total") == 1
@@ -93,9 +127,7 @@ def test_every_metric_is_exposed_with_its_value():
 
 
 def test_output_parses_as_prometheus_text():
-    families = {
-        f.name: f for f in text_string_to_metric_families(exposition(FULL_SNAPSHOT))
-    }
+    families = {f.name: f for f in text_string_to_metric_families(exposition(FULL_SNAPSHOT))}
     # The parser names counter families without their _total suffix.
     assert families["websocket_messages"].type == "counter"
     assert families["websocket_connected_clients"].type == "gauge"
@@ -103,25 +135,26 @@ def test_output_parses_as_prometheus_text():
     assert closes == {"1000": 2, "1001": 1}
 
 
-def test_missing_keys_read_as_zero():
-    text = exposition({})
-    for m in METRICS:
-        if m.label is None:
-            assert sample(text, m.name) == 0
-        else:
-            assert f"# TYPE {m.name} counter\n" in text and f"{m.name}{{" not in text
+@pytest.mark.parametrize("key", sorted(FULL_SNAPSHOT))
+def test_a_missing_key_fails_the_scrape_instead_of_reading_zero(key):
+    incomplete = {k: v for k, v in FULL_SNAPSHOT.items() if k != key}
+    with pytest.raises(KeyError, match=key):
+        exposition(incomplete)
+
+
+def test_an_empty_label_mapping_exports_the_family_without_samples():
+    text = exposition({**FULL_SNAPSHOT, "closes": {}})
+    assert "# TYPE websocket_closes_total counter\n" in text
+    assert "websocket_closes_total{" not in text
 
 
 def test_every_handshake_failure_reason_present_is_exported():
-    text = exposition({"handshake_failures": {"some_new_reason": 2}})
-    assert (
-        sample(text, "websocket_handshake_failures_total", '{reason="some_new_reason"}')
-        == 2
-    )
+    text = exposition({**FULL_SNAPSHOT, "handshake_failures": {"some_new_reason": 2}})
+    assert sample(text, "websocket_handshake_failures_total", '{reason="some_new_reason"}') == 2
 
 
 def test_values_are_read_at_scrape_time():
-    counters = {"messages_total": 1}
+    counters = {**FULL_SNAPSHOT, "messages_total": 1}
     registry = build_registry(lambda: counters)
     assert sample(generate_latest(registry).decode(), "websocket_messages_total") == 1
     counters["messages_total"] = 42
@@ -164,9 +197,7 @@ async def exchange(port: int, request: bytes) -> tuple[int, dict[str, str], byte
     writer.close()
     head, _, body = data.partition(b"\r\n\r\n")
     status_line, *header_lines = head.decode("latin-1").split("\r\n")
-    headers = {
-        k.lower(): v.strip() for k, _, v in (h.partition(":") for h in header_lines)
-    }
+    headers = {k.lower(): v.strip() for k, _, v in (h.partition(":") for h in header_lines)}
     return int(status_line.split(" ")[1]), headers, body
 
 
@@ -311,6 +342,17 @@ def test_failing_snapshot_gives_500_and_the_listener_survives(caplog):
     with caplog.at_level("ERROR", logger="fastrelay.metrics"):
         run(body, snapshot=broken)
     assert "metrics scrape failed" in caplog.text
+
+
+def test_a_snapshot_missing_a_key_gives_500_naming_it(caplog):
+    incomplete = {k: v for k, v in FULL_SNAPSHOT.items() if k != "deliveries_total"}
+
+    async def body(server: MetricsServer) -> None:
+        assert (await exchange(server.port, get("/metrics")))[0] == 500
+
+    with caplog.at_level("ERROR", logger="fastrelay.metrics"):
+        run(body, snapshot=lambda: incomplete)
+    assert "KeyError: 'deliveries_total'" in caplog.text
 
 
 def test_port_zero_binds_a_free_port_and_url_names_it():

@@ -45,8 +45,13 @@ def test_missing_compiled_module_fails_loudly(tmp_path):
     )
     # -I: ignore PYTHONPATH and the user site; -S: no site-packages, so neither
     # an installed fastrelay nor the editable-install finder can answer first.
-    done = subprocess.run([sys.executable, "-I", "-S", "-c", code],
-                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     message = done.stdout
     assert f"ORIGIN {copy / '__init__.py'}" in message, message
@@ -70,7 +75,9 @@ def test_console_script_is_declared():
 
 def test_runtime_dependencies_are_declared():
     requires = importlib.metadata.requires("fastrelay") or []
-    runtime = {re.match(r"[A-Za-z0-9._-]+", r).group(0).lower() for r in requires if "extra ==" not in r}
+    runtime = {
+        re.match(r"[A-Za-z0-9._-]+", r).group(0).lower() for r in requires if "extra ==" not in r
+    }
     assert {"uvloop", "pyyaml", "prometheus-client"} <= runtime
 
 
@@ -88,10 +95,15 @@ def test_demo_page_is_real_package_data():
 
 @pytest.mark.checkout
 def test_no_generated_c_tracked_in_git():
-    tracked = subprocess.run(["git", "-C", str(REPO), "ls-files"], capture_output=True,
-                             text=True, timeout=30, check=True).stdout.split()
-    generated = [p for p in tracked if p.endswith((".c", ".so", ".html")) and p.startswith("fastrelay/")
-                 and p != "fastrelay/demo/index.html"]
+    tracked = subprocess.run(
+        ["git", "-C", str(REPO), "ls-files"], capture_output=True, text=True, timeout=30, check=True
+    ).stdout.split()
+    generated = [
+        p
+        for p in tracked
+        if p.endswith((".c", ".so", ".html"))
+        and p.startswith("fastrelay/")
+        and p != "fastrelay/demo/index.html"
+    ]
     assert generated == [], f"generated files tracked in git: {generated}"
     assert "fastrelay/_frames.pyx" in tracked
-

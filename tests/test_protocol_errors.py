@@ -14,44 +14,54 @@ CASES = {
     "rsv1": ([frame(TEXT, b"hi", rsv=4)], 1002),
     "rsv2": ([frame(TEXT, b"hi", rsv=2)], 1002),
     "rsv3": ([frame(TEXT, b"hi", rsv=1)], 1002),
-    **{f"reserved opcode {op:#x}": ([frame(op, b"x")], 1002)
-       for op in (0x3, 0x4, 0x5, 0x6, 0x7, 0xB, 0xC, 0xD, 0xE, 0xF)},
+    **{
+        f"reserved opcode {op:#x}": ([frame(op, b"x")], 1002)
+        for op in (0x3, 0x4, 0x5, 0x6, 0x7, 0xB, 0xC, 0xD, 0xE, 0xF)
+    },
     "fragmented ping": ([frame(PING, b"x", fin=False)], 1002),
     "fragmented close": ([frame(CLOSE, close_payload(1000), fin=False)], 1002),
     "ping over 125 bytes": ([frame(PING, b"x" * 126)], 1002),
     "continuation without start": ([frame(CONT, b"x")], 1002),
-    "new message inside fragmented one": (
-        [frame(TEXT, b"a", fin=False), frame(TEXT, b"b")], 1002),
-    "binary inside fragmented text": (
-        [frame(TEXT, b"a", fin=False), frame(BINARY, b"b")], 1002),
+    "new message inside fragmented one": ([frame(TEXT, b"a", fin=False), frame(TEXT, b"b")], 1002),
+    "binary inside fragmented text": ([frame(TEXT, b"a", fin=False), frame(BINARY, b"b")], 1002),
     "invalid utf-8 in one frame": ([frame(TEXT, b"ok \xff")], 1007),
     "overlong utf-8": ([frame(TEXT, b"\xc0\xaf")], 1007),
     "utf-16 surrogate": ([frame(TEXT, b"\xed\xa0\x80")], 1007),
     "code point above U+10FFFF": ([frame(TEXT, b"\xf4\x90\x80\x80")], 1007),
     "truncated utf-8 at end of message": ([frame(TEXT, b"ab\xe2\x82")], 1007),
     "invalid utf-8 split across fragments": (
-        [frame(TEXT, b"ok \xe2", fin=False), frame(CONT, b"\x28\xa1")], 1007),
+        [frame(TEXT, b"ok \xe2", fin=False), frame(CONT, b"\x28\xa1")],
+        1007,
+    ),
     "invalid utf-8 in a later fragment": (
-        [frame(TEXT, b"fine", fin=False), frame(CONT, b"\xff", fin=False),
-         frame(CONT, b"never needed")], 1007),
-    **{f"close code {code}": ([frame(CLOSE, close_payload(code))], 1002)
-       for code in (0, 999, 1004, 1005, 1006, 1015, 2999, 5000)},
+        [
+            frame(TEXT, b"fine", fin=False),
+            frame(CONT, b"\xff", fin=False),
+            frame(CONT, b"never needed"),
+        ],
+        1007,
+    ),
+    **{
+        f"close code {code}": ([frame(CLOSE, close_payload(code))], 1002)
+        for code in (0, 999, 1004, 1005, 1006, 1015, 2999, 5000)
+    },
     "1-byte close payload": ([frame(CLOSE, b"\x03")], 1002),
     "close reason with invalid utf-8": ([frame(CLOSE, close_payload(1000, b"\xff\xfe"))], 1007),
     "message over the size limit": ([frame(BINARY, b"x" * 4097)], 1009),
     "fragments over the size limit": (
-        [frame(BINARY, b"x" * 3000, fin=False), frame(CONT, b"x" * 3000)], 1009),
+        [frame(BINARY, b"x" * 3000, fin=False), frame(CONT, b"x" * 3000)],
+        1009,
+    ),
     "frame length with the top bit set": (
-        [b"\x82\xff\x80\x00\x00\x00\x00\x00\x00\x01" + b"mask"], 1002),
+        [b"\x82\xff\x80\x00\x00\x00\x00\x00\x00\x01" + b"mask"],
+        1002,
+    ),
 }
 
 
 @pytest.fixture(scope="module")
-def small_relay(tmp_path_factory):
-    from conftest import start_relay
-    relay = start_relay(tmp_path_factory.mktemp("small"), {"relay": {"max_message_size": 4096}})
-    yield relay
-    relay.stop()
+def small_relay(module_relay_factory):
+    return module_relay_factory({"relay": {"max_message_size": 4096}})
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -76,8 +86,11 @@ def test_valid_code_point_split_across_fragments_passes(small_relay):
     client = RawClient(small_relay.port, "/split-ok")
     try:
         euro = "€".encode()  # e2 82 ac
-        client.send(frame(TEXT, b"price " + euro[:1], fin=False)
-                    + frame(CONT, euro[1:2], fin=False) + frame(CONT, euro[2:] + b"5"))
+        client.send(
+            frame(TEXT, b"price " + euro[:1], fin=False)
+            + frame(CONT, euro[1:2], fin=False)
+            + frame(CONT, euro[2:] + b"5")
+        )
         assert client.recv_frame() == (True, TEXT, "price €5".encode())
     finally:
         client.close()
@@ -86,16 +99,28 @@ def test_valid_code_point_split_across_fragments_passes(small_relay):
 def test_control_frames_interleave_a_fragmented_message(small_relay):
     client = RawClient(small_relay.port, "/interleave")
     try:
-        client.send(frame(TEXT, b"one ", fin=False) + frame(PING, b"p")
-                    + frame(PONG, b"unsolicited") + frame(CONT, b"two"))
+        client.send(
+            frame(TEXT, b"one ", fin=False)
+            + frame(PING, b"p")
+            + frame(PONG, b"unsolicited")
+            + frame(CONT, b"two")
+        )
         assert client.recv_frame() == (True, PONG, b"p")
         assert client.recv_frame() == (True, TEXT, b"one two")
     finally:
         client.close()
 
 
-@pytest.mark.parametrize("payload", [b"", close_payload(1000), close_payload(3000, b"app reason"),
-                                     close_payload(1014), close_payload(4999, "ünï".encode())])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        close_payload(1000),
+        close_payload(3000, b"app reason"),
+        close_payload(1014),
+        close_payload(4999, "ünï".encode()),
+    ],
+)
 def test_valid_close_is_echoed_then_tcp_closed(small_relay, payload):
     client = RawClient(small_relay.port, "/close-ok")
     try:

@@ -41,14 +41,13 @@ def encode(opcode: int, pieces: list[bytes], pings: list[bool]) -> tuple[bytes, 
 
 
 @pytest.fixture(scope="module")
-def prop_relay(tmp_path_factory):
-    from conftest import start_relay
-    relay = start_relay(tmp_path_factory.mktemp("props"))
-    yield relay
-    relay.stop()
+def prop_relay(module_relay_factory):
+    return module_relay_factory()
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(st.lists(messages(), min_size=1, max_size=6), st.lists(st.integers(1, 700), max_size=10))
 def test_members_receive_exactly_the_messages(prop_relay, sent, cuts):
     room = f"/prop-{next(ROOMS)}"
@@ -62,7 +61,7 @@ def test_members_receive_exactly_the_messages(prop_relay, sent, cuts):
             expected_pongs += pongs
         pos = 0
         for cut in [*cuts, len(stream)]:
-            sender.send(stream[pos:pos + cut])
+            sender.send(stream[pos : pos + cut])
             pos += cut
         expected = [(True, opcode, payload) for opcode, payload, _, _ in sent]
         assert [member.recv_frame() for _ in sent] == expected

@@ -11,6 +11,7 @@ import struct
 import pytest
 import trustme
 import websockets
+from relay_process import METRICS_ON
 from websockets.exceptions import ConnectionClosed, InvalidMessage
 
 from scrape import scrape
@@ -24,9 +25,11 @@ def test_shutdown_closes_fifty_clients_with_1001_and_exits_0(relay_factory, sig)
     relay = relay_factory({"timeouts": {"shutdown": 10}})
 
     async def main():
-        clients = [await websockets.connect(relay.ws(f"/room{i % 5}"), open_timeout=10)
-                   for i in range(CLIENTS)]
-        relay.proc.send_signal(sig)
+        clients = [
+            await websockets.connect(relay.ws(f"/room{i % 5}"), open_timeout=10)
+            for i in range(CLIENTS)
+        ]
+        relay.send_signal(sig)
         codes = []
         for ws in clients:
             with pytest.raises(ConnectionClosed) as info:
@@ -36,7 +39,7 @@ def test_shutdown_closes_fifty_clients_with_1001_and_exits_0(relay_factory, sig)
 
     codes = asyncio.run(main())
     assert codes == [1001] * CLIENTS
-    assert relay.proc.wait(15) == 0
+    assert relay.wait() == 0
 
 
 def test_stops_accepting_and_a_silent_client_cannot_hold_it(relay_factory):
@@ -45,7 +48,7 @@ def test_stops_accepting_and_a_silent_client_cannot_hold_it(relay_factory):
     silent = RawClient(relay.port, "/s")  # never answers the close
     polite = RawClient(relay.port, "/s")
     try:
-        relay.proc.send_signal(signal.SIGTERM)
+        relay.send_signal(signal.SIGTERM)
         fin, opcode, payload = polite.recv_frame()
         assert opcode == 0x8 and struct.unpack("!H", payload[:2])[0] == 1001
         polite.send(frame(0x8, payload[:2]))
@@ -55,7 +58,7 @@ def test_stops_accepting_and_a_silent_client_cannot_hold_it(relay_factory):
             RawClient(relay.port, "/late")
         # The silent client would hold it for the 30 s close timeout; the
         # 1.5 s shutdown timeout ends it first (the wait is a hang bound).
-        assert relay.proc.wait(shutdown + 10) == 0
+        assert relay.wait(shutdown + 10) == 0
         fin, opcode, payload = silent.recv_frame()
         assert opcode == 0x8
         assert silent.buf + silent.read_to_eof() == b""
@@ -77,19 +80,21 @@ def tls_files(tmp_path):
 
 def test_wss_with_verified_chain_and_plain_client_fails_cleanly(relay_factory, tls_files):
     cert, key, client_ctx = tls_files
-    relay = relay_factory({"server": {"tls": {"enabled": True, "cert_file": str(cert),
-                                              "key_file": str(key)}},
-                           "metrics": {"enabled": True, "host": "127.0.0.1", "port": 0}})
+    tls = {"enabled": True, "cert_file": str(cert), "key_file": str(key)}
+    relay = relay_factory({"server": {"tls": tls}, **METRICS_ON})
     assert relay.url.startswith("wss://")
-    wss = f"wss://127.0.0.1:{relay.port}/secure"
+    wss = relay.ws("/secure")
 
     async def main():
-        async with websockets.connect(wss, ssl=client_ctx, open_timeout=10) as a, \
-                websockets.connect(wss, ssl=client_ctx, open_timeout=10) as b:
+        async with (
+            websockets.connect(wss, ssl=client_ctx, open_timeout=10) as a,
+            websockets.connect(wss, ssl=client_ctx, open_timeout=10) as b,
+        ):
             # A plain ws:// client on the TLS port: its handshake fails...
             with pytest.raises((InvalidMessage, OSError, EOFError)):
-                async with websockets.connect(f"ws://127.0.0.1:{relay.port}/secure",
-                                              open_timeout=5):
+                async with websockets.connect(
+                    f"ws://127.0.0.1:{relay.port}/secure", open_timeout=5
+                ):
                     pass
             # ...and the TLS clients never notice.
             await a.send("x" * 70000)
@@ -103,7 +108,7 @@ def test_wss_with_verified_chain_and_plain_client_fails_cleanly(relay_factory, t
 
 
 def test_metrics_exact_after_known_traffic(relay_factory):
-    relay = relay_factory({"metrics": {"enabled": True, "host": "127.0.0.1", "port": 0}})
+    relay = relay_factory(METRICS_ON)
 
     async def main():
         a = await websockets.connect(relay.ws("/m"), open_timeout=10)

@@ -10,6 +10,7 @@ import time
 
 import psutil
 import pytest
+from relay_process import METRICS_ON
 
 from scrape import scrape
 from wsraw import RawClient, close_payload, frame
@@ -49,8 +50,8 @@ def wait_for(predicate, what: str, timeout: float = 20.0) -> None:
 
 @pytest.mark.timeout(240)
 def test_soak_connect_disconnect(relay_factory):
-    relay = relay_factory({"metrics": {"enabled": True, "host": "127.0.0.1", "port": 0}})
-    server = psutil.Process(relay.proc.pid)
+    relay = relay_factory(METRICS_ON)
+    server = psutil.Process(relay.pid)
     steady = RawClient(relay.port, "/steady")
     try:
         baseline_fds = server.num_fds()
@@ -63,8 +64,10 @@ def test_soak_connect_disconnect(relay_factory):
             if i % 250 == 0:
                 steady.send(frame(0x1, b"still there"))
                 assert steady.recv_frame() == (True, 0x1, b"still there")
-        wait_for(lambda: scrape(relay.metrics_url)["websocket_connected_clients"] == 1,
-                 "connected clients back to the baseline")
+        wait_for(
+            lambda: scrape(relay.metrics_url)["websocket_connected_clients"] == 1,
+            "connected clients back to the baseline",
+        )
         wait_for(lambda: server.num_fds() <= baseline_fds, "file descriptors back to the baseline")
         values = scrape(relay.metrics_url)
         assert values["websocket_connections_total"] == CYCLES + 1

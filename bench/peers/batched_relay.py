@@ -29,17 +29,19 @@ TEXT = WSMsgType.TEXT
 BINARY = WSMsgType.BINARY
 CONTINUATION = WSMsgType.CONTINUATION
 CLOSE = WSMsgType.CLOSE
+# First byte of a final frame of each data message type: FIN bit + opcode.
+FIRST_BYTE = {TEXT: 0x81, BINARY: 0x82}
 
 
-def encode_frame(opcode: int, payload) -> bytes:
+def encode_frame(msg_type: WSMsgType, payload) -> bytes:
     """An unmasked, final server frame (RFC 6455 section 5.2)."""
-    n = len(payload)
+    first, n = FIRST_BYTE[msg_type], len(payload)
     if n < 126:
-        head = bytes((0x80 | opcode, n))
+        head = bytes((first, n))
     elif n < 1 << 16:
-        head = struct.pack("!BBH", 0x80 | opcode, 126, n)
+        head = struct.pack("!BBH", first, 126, n)
     else:
-        head = struct.pack("!BBQ", 0x80 | opcode, 127, n)
+        head = struct.pack("!BBQ", first, 127, n)
     return head + payload
 
 
@@ -108,7 +110,7 @@ class BatchedListener(WSListener):
     def __init__(self, hub: Hub, path: str) -> None:
         self.hub = hub
         self.path = path
-        self.room: Room | None = None
+        self.room: Room  # set once connected: frames only come after that
         self.member: asyncio.Transport | None = None
         # picows delivers frames, not messages: fragments are collected
         # here and the whole message is relayed as one frame.
@@ -153,9 +155,9 @@ class BatchedListener(WSListener):
         transport.disconnect()
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
-        if self.room is not None:
+        if self.member is not None:
             self.hub.leave(self.path, self.room, self.member)
-            self.room = None
+            self.member = None
 
 
 async def listen(args: argparse.Namespace) -> Listening:

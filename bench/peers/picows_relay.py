@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from _common import Listening, room_of, run_peer
-from picows import WSListener, WSMsgType, WSTransport, ws_create_server
+from picows import WSCloseCode, WSListener, WSMsgType, WSTransport, ws_create_server
 
 TEXT = WSMsgType.TEXT
 BINARY = WSMsgType.BINARY
@@ -30,7 +30,7 @@ class RelayListener(WSListener):
         self.members: dict[WSTransport, None] | None = None
         # Fragmented messages are reassembled so that members receive the
         # same message; picows delivers frames, not messages.
-        self.frag_type = None
+        self.frag_type: WSMsgType | None = None
         self.frag_parts: list[bytes] = []
 
     def on_ws_connected(self, transport: WSTransport) -> None:
@@ -54,14 +54,14 @@ class RelayListener(WSListener):
                 self.frag_parts = [frame.get_payload_as_bytes()]
         elif msg_type is CONTINUATION:
             if self.frag_type is None:
-                transport.send_close(1002)
+                transport.send_close(WSCloseCode.PROTOCOL_ERROR)
                 transport.disconnect()
                 return
             self.frag_parts.append(frame.get_payload_as_bytes())
             if frame.fin:
                 payload = b"".join(self.frag_parts)
                 msg_type = self.frag_type
-                self.frag_type = None
+                self.frag_type: WSMsgType | None = None
                 self.frag_parts = []
                 for member in self.members:
                     member.send(msg_type, payload)

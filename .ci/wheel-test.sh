@@ -104,7 +104,8 @@ problems = []
 
 with tarfile.open(sdist) as tar:
     members = {m.name.split("/", 1)[1]: m for m in tar.getmembers() if "/" in m.name}
-    for need in ("fastrelay/_frames.pyx", "pyproject.toml", "setup.py", "MANIFEST.in"):
+    sources = ("_frames.pyx", "_frames.pxd", "_testing.pyx", "_codec.pxi", "_utf8.pxi", "_grow.pxi")
+    for need in (*(f"fastrelay/{name}" for name in sources), "pyproject.toml", "setup.py", "MANIFEST.in"):
         if need not in members:
             problems.append(f"sdist lacks {need}")
     page = members.get("fastrelay/demo/index.html")
@@ -118,15 +119,16 @@ with tarfile.open(sdist) as tar:
 
 with zipfile.ZipFile(wheel) as whl:
     names = whl.namelist()
-    modules = [n for n in names if n.startswith("fastrelay/_frames.") and n.endswith(".so")]
-    if len(modules) != 1:
-        problems.append(f"wheel: expected one compiled fastrelay/_frames*.so, found {modules}")
+    for module in ("_frames", "_testing"):
+        built = [n for n in names if n.startswith(f"fastrelay/{module}.") and n.endswith(".so")]
+        if len(built) != 1:
+            problems.append(f"wheel: expected one compiled fastrelay/{module}*.so, found {built}")
     if "fastrelay/demo/index.html" not in names:
         problems.append("wheel lacks fastrelay/demo/index.html")
     elif whl.read("fastrelay/demo/index.html") != demo:
         problems.append("wheel: fastrelay/demo/index.html differs from example/index.html")
     for name in names:
-        if name.endswith((".c", ".pyx", ".pxd", ".o")) or (
+        if name.endswith((".c", ".pyx", ".pxd", ".pxi", ".o")) or (
             name.endswith(".html") and name != "fastrelay/demo/index.html"
         ):
             problems.append(f"wheel ships a source/generated file: {name}")

@@ -39,8 +39,12 @@ class StartupError(Exception):
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastrelay",
-        description="WebSocket broadcast relay: every message goes to every client in the same room (the URL path).",
-        epilog="Without --config-file, ./config.yaml is read when it exists, else built-in defaults are used. "
+        description=(
+            "WebSocket broadcast relay: every message goes to every client in the same room "
+            "(the URL path)."
+        ),
+        epilog="Without --config-file, ./config.yaml is read when it exists, else built-in "
+        "defaults are used. "
         "Signals: SIGINT/SIGTERM shut down gracefully (a second one exits at once with code 130); "
         "SIGHUP reopens the log file.",
     )

@@ -121,7 +121,8 @@ METRICS = (
         "counter",
         "slow_client_drops_total",
         None,
-        "Messages not delivered to a client whose backlog exceeded limits.max_backlog (policy drop).",
+        "Messages not delivered to a client whose backlog exceeded limits.max_backlog "
+        "(policy drop).",
     ),
     MetricDef(
         "websocket_protocol_errors_total",

@@ -31,8 +31,10 @@ with atheris.instrument_imports():
     from fastrelay.upgrade import Gate, GateSettings
 
 LIMITS = handshake.Limits(max_head=1024, max_headers=16)
-REQUEST = (b"GET /fuzz HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+REQUEST = (
+    b"GET /fuzz HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
 
 
 class RecordingTransport:
@@ -62,20 +64,21 @@ class RecordingTransport:
 
 def check_output(out: bytes) -> None:
     assert out.startswith(b"HTTP/1.1 101 ")
-    check_server_output(out[out.index(b"\r\n\r\n") + 4:])
+    check_server_output(out[out.index(b"\r\n\r\n") + 4 :])
 
 
 loop = asyncio.new_event_loop()
-gate = Gate(GateSettings(limits=LIMITS, max_connections=0, demo_page=None),
-            logging.getLogger("fuzz"))
+gate = Gate(
+    GateSettings(limits=LIMITS, max_connections=0, demo_page=None), logging.getLogger("fuzz")
+)
 hub = Hub(loop, gate, max_message_size=4096)
 
 
 def feed(conn: Connection, data: bytes, step: int) -> None:
     for start in range(0, len(data), step):
-        piece = data[start:start + step]
+        piece = data[start : start + step]
         view = conn.get_buffer(-1)
-        view[:len(piece)] = piece
+        view[: len(piece)] = piece
         conn.buffer_updated(len(piece))
 
 
@@ -87,7 +90,7 @@ def one_input(data: bytes) -> None:
 
     scan_from, got = 0, b""
     for start in range(0, len(request), step):
-        got += request[start:start + step]
+        got += request[start : start + step]
         result = handshake.parse_request(memoryview(got), scan_from, LIMITS)
         if not isinstance(result, handshake.Incomplete):
             break

@@ -4,6 +4,7 @@ stopped by the one helper in relay_process.py."""
 from __future__ import annotations
 
 import pytest
+
 from relay_process import RelayGroup, RelayProcess, start_relay
 
 # Test modules that import these from conftest keep working.

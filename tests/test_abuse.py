@@ -9,8 +9,9 @@ import struct
 
 import psutil
 import pytest
-from relay_process import METRICS_ON
 
+from fastrelay._frames import CloseCode
+from relay_process import METRICS_ON
 from scrape import scrape
 from wsraw import RawClient, frame, handshake_request
 
@@ -141,7 +142,7 @@ def test_keepalive_closes_a_client_that_stops_answering(relay_factory):
             if opcode == 0x8:
                 break
             assert opcode == 0x9
-        assert struct.unpack("!H", payload[:2])[0] == 1011
+        assert struct.unpack("!H", payload[:2])[0] == CloseCode.INTERNAL_ERROR
         assert silent.buf + silent.read_to_eof() == b""
     finally:
         silent.close()
@@ -230,7 +231,7 @@ def test_message_rate_limit_closes_with_1008(relay_factory):
             opcodes.append(opcode)
             if opcode == 0x8:
                 break
-        assert struct.unpack("!H", payload[:2])[0] == 1008
+        assert struct.unpack("!H", payload[:2])[0] == CloseCode.POLICY_VIOLATION
         assert opcodes.count(0x1) <= 100  # at most two windows' worth got through
     finally:
         client.close()

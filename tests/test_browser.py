@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from relay_process import merged
 
 REPO = Path(__file__).resolve().parents[1]

@@ -21,11 +21,12 @@ from typing import Any
 
 import pytest
 import trustme
-from relay_process import METRICS_ON, RelayProcess, default_command, merged
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
+from fastrelay._frames import CloseCode
 from fastrelay._version import __version__
+from relay_process import METRICS_ON, RelayProcess, default_command, merged
 from wsraw import RawClient
 
 BOUND = 20.0  # upper bound of every wait; generous for slow CI machines
@@ -155,7 +156,7 @@ def test_graceful_shutdown_closes_clients_with_1001(relay_factory):
         r.send_signal(signal.SIGTERM)
         with pytest.raises(ConnectionClosed) as info:
             ws.recv(timeout=BOUND)
-        assert info.value.rcvd is not None and info.value.rcvd.code == 1001
+        assert info.value.rcvd is not None and info.value.rcvd.code == CloseCode.GOING_AWAY
     assert r.wait() == 0
 
 

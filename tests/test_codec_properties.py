@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from websockets.frames import Frame, Opcode
 from websockets.streams import StreamReader
 
+from fastrelay._frames import CloseCode
 from fastrelay._testing import FrameError, FrameReader, encode_frame, validate_utf8
 
 DATA_OPCODES = [Opcode.CONT, Opcode.TEXT, Opcode.BINARY]
@@ -21,8 +22,9 @@ CONTROL_OPCODES = [Opcode.CLOSE, Opcode.PING, Opcode.PONG]
 def frames(draw):
     if draw(st.booleans()):
         opcode = draw(st.sampled_from(DATA_OPCODES))
-        size = draw(st.one_of(st.integers(0, 130), st.integers(65530, 65540),
-                              st.integers(0, 70000)))
+        size = draw(
+            st.one_of(st.integers(0, 130), st.integers(65530, 65540), st.integers(0, 70000))
+        )
         fin = draw(st.booleans())
     else:
         opcode = draw(st.sampled_from(CONTROL_OPCODES))
@@ -88,7 +90,7 @@ def test_unmask_word_at_a_time_matches_bytewise(payload, key):
 def test_unmasked_client_frame_is_a_protocol_error():
     with pytest.raises(FrameError) as err:
         FrameReader(require_mask=True).feed(encode_frame(1, b"x"))
-    assert err.value.code == 1002
+    assert err.value.code == CloseCode.PROTOCOL_ERROR
 
 
 @settings(max_examples=300, deadline=None)
@@ -105,7 +107,17 @@ def test_utf8_validator_agrees_with_python(data):
 def test_utf8_validator_edges():
     for good in ["", "a" * 17, "é", "€", "𝄞", "\U0010ffff", "\ud7ff", "\ue000"]:
         assert validate_utf8(good.encode())
-    for bad in [b"\x80", b"\xc0\x80", b"\xc1\xbf", b"\xe0\x80\x80", b"\xed\xa0\x80",
-                b"\xf0\x80\x80\x80", b"\xf4\x90\x80\x80", b"\xf5", b"\xff", b"abc\xe2\x82",
-                os.urandom(0) + b"12345678\x80"]:
+    for bad in [
+        b"\x80",
+        b"\xc0\x80",
+        b"\xc1\xbf",
+        b"\xe0\x80\x80",
+        b"\xed\xa0\x80",
+        b"\xf0\x80\x80\x80",
+        b"\xf4\x90\x80\x80",
+        b"\xf5",
+        b"\xff",
+        b"abc\xe2\x82",
+        os.urandom(0) + b"12345678\x80",
+    ]:
         assert not validate_utf8(bad)

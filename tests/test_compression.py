@@ -10,6 +10,7 @@ import zlib
 import pytest
 import websockets
 
+from fastrelay._frames import CloseCode
 from wsraw import RawClient, close_payload, frame, handshake_request
 
 STEP = 10.0
@@ -112,13 +113,22 @@ def test_compressed_and_plain_members_get_the_same_message(zrelay):
 CASES = {
     "rsv1 on a continuation": (
         [frame(0x1, b"a", fin=False), frame(0x0, deflate(b"b"), rsv=4)],
-        1002,
+        CloseCode.PROTOCOL_ERROR,
     ),
-    "rsv1 on a ping": ([frame(0x9, b"", rsv=4)], 1002),
-    "not deflate data": ([frame(0x2, b"\xff\xff\xff\xff garbage", rsv=4)], 1007),
-    "inflates over the size limit": ([compressed_frame(0x2, bytes(70000))], 1009),
-    "invalid utf-8 after inflating": ([compressed_frame(0x1, b"ok \xff" * 50)], 1007),
-    "rsv2 still reserved": ([frame(0x1, b"x", rsv=2)], 1002),
+    "rsv1 on a ping": ([frame(0x9, b"", rsv=4)], CloseCode.PROTOCOL_ERROR),
+    "not deflate data": (
+        [frame(0x2, b"\xff\xff\xff\xff garbage", rsv=4)],
+        CloseCode.INVALID_PAYLOAD_DATA,
+    ),
+    "inflates over the size limit": (
+        [compressed_frame(0x2, bytes(70000))],
+        CloseCode.MESSAGE_TOO_BIG,
+    ),
+    "invalid utf-8 after inflating": (
+        [compressed_frame(0x1, b"ok \xff" * 50)],
+        CloseCode.INVALID_PAYLOAD_DATA,
+    ),
+    "rsv2 still reserved": ([frame(0x1, b"x", rsv=2)], CloseCode.PROTOCOL_ERROR),
 }
 
 
@@ -137,7 +147,7 @@ def test_rsv1_without_negotiation_is_a_protocol_error(zrelay):
     client = RawClient(zrelay.port, "/no-z")
     try:
         client.send(compressed_frame(0x1, b"x" * 200))
-        assert client.expect_close()[0] == 1002
+        assert client.expect_close()[0] == CloseCode.PROTOCOL_ERROR
     finally:
         client.close()
 

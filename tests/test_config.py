@@ -404,7 +404,8 @@ def test_out_of_range(tmp_path, text, expected):
 def test_unknown_log_level_suggests_the_close_one(tmp_path):
     message = error_of(tmp_path, "logging:\n  level: warning\n")
     assert message.endswith(
-        ":2: logging.level: unknown value 'warning' (expected one of: debug, info, warn, error; did you mean 'warn'?)"
+        ":2: logging.level: unknown value 'warning' "
+        "(expected one of: debug, info, warn, error; did you mean 'warn'?)"
     )
 
 
@@ -487,7 +488,10 @@ def pems(tmp_path_factory):
 
 
 def tls_yaml(cert: str, key: str, enabled: bool = True) -> str:
-    return f"server:\n  tls:\n    enabled: {str(enabled).lower()}\n    cert_file: {cert}\n    key_file: {key}\n"
+    return (
+        f"server:\n  tls:\n    enabled: {str(enabled).lower()}\n"
+        f"    cert_file: {cert}\n    key_file: {key}\n"
+    )
 
 
 def test_tls_with_a_matching_pair_loads(tmp_path, pems):
@@ -526,8 +530,8 @@ def test_tls_unreadable_key(tmp_path, pems):
 def test_tls_cert_and_key_that_do_not_match(tmp_path, pems):
     message = error_of(tmp_path, tls_yaml(pems / "cert.pem", pems / "other-key.pem"))
     assert (
-        f"server.tls.key_file: '{pems / 'other-key.pem'}' is not the private key of '{pems / 'cert.pem'}'"
-        in message
+        f"server.tls.key_file: '{pems / 'other-key.pem'}' "
+        f"is not the private key of '{pems / 'cert.pem'}'" in message
     )
 
 

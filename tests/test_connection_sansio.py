@@ -87,9 +87,7 @@ class Relay:
 
     def __init__(self, **hub_options: Any) -> None:
         self.loop = ManualLoop()
-        settings = GateSettings(
-            limits=handshake.Limits(), max_connections=0, demo_page=None
-        )
+        settings = GateSettings(limits=handshake.Limits(), max_connections=0, demo_page=None)
         self.gate = Gate(settings, logging.getLogger("test"))
         options: dict[str, Any] = {
             "handshake_timeout": 10.0,
@@ -216,7 +214,10 @@ VIOLATIONS = {
         CloseCode.PROTOCOL_ERROR,
     ),
     "invalid UTF-8": (client_frame(Opcode.TEXT, b"ok \xc3\x28"), CloseCode.INVALID_PAYLOAD_DATA),
-    "UTF-8 cut at the end": (client_frame(Opcode.TEXT, b"\xe2\x82"), CloseCode.INVALID_PAYLOAD_DATA),
+    "UTF-8 cut at the end": (
+        client_frame(Opcode.TEXT, b"\xe2\x82"),
+        CloseCode.INVALID_PAYLOAD_DATA,
+    ),
     "too big": (client_frame(Opcode.BINARY, b"x" * 1025), CloseCode.MESSAGE_TOO_BIG),
     "too big in fragments": (
         client_frame(Opcode.BINARY, b"x" * 1000, fin=False)

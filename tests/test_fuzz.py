@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fastrelay import handshake
+from fastrelay._frames import CloseCode
 from fastrelay._testing import FrameError, FrameReader
 from wsraw import check_server_output, frame, handshake_request
 
@@ -83,7 +84,7 @@ def test_frame_reader_returns_frames_or_a_close_code(data, steps):
                 assert opcode < 8 or (fin and len(payload) <= 125)
             pos += step
     except FrameError as err:
-        assert err.code == 1002
+        assert err.code == CloseCode.PROTOCOL_ERROR
 
 
 @pytest.fixture(scope="module")

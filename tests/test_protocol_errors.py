@@ -5,33 +5,47 @@ from __future__ import annotations
 
 import pytest
 
+from fastrelay._frames import CloseCode, Opcode
 from wsraw import RawClient, close_payload, frame
 
-TEXT, BINARY, CONT, CLOSE, PING, PONG = 0x1, 0x2, 0x0, 0x8, 0x9, 0xA
+TEXT, BINARY, CONT = Opcode.TEXT, Opcode.BINARY, Opcode.CONTINUATION
+CLOSE, PING, PONG = Opcode.CLOSE, Opcode.PING, Opcode.PONG
 
 CASES = {
-    "unmasked frame": ([frame(TEXT, b"hi", mask=False)], 1002),
-    "rsv1": ([frame(TEXT, b"hi", rsv=4)], 1002),
-    "rsv2": ([frame(TEXT, b"hi", rsv=2)], 1002),
-    "rsv3": ([frame(TEXT, b"hi", rsv=1)], 1002),
+    "unmasked frame": ([frame(TEXT, b"hi", mask=False)], CloseCode.PROTOCOL_ERROR),
+    "rsv1": ([frame(TEXT, b"hi", rsv=4)], CloseCode.PROTOCOL_ERROR),
+    "rsv2": ([frame(TEXT, b"hi", rsv=2)], CloseCode.PROTOCOL_ERROR),
+    "rsv3": ([frame(TEXT, b"hi", rsv=1)], CloseCode.PROTOCOL_ERROR),
     **{
-        f"reserved opcode {op:#x}": ([frame(op, b"x")], 1002)
+        f"reserved opcode {op:#x}": ([frame(op, b"x")], CloseCode.PROTOCOL_ERROR)
         for op in (0x3, 0x4, 0x5, 0x6, 0x7, 0xB, 0xC, 0xD, 0xE, 0xF)
     },
-    "fragmented ping": ([frame(PING, b"x", fin=False)], 1002),
-    "fragmented close": ([frame(CLOSE, close_payload(1000), fin=False)], 1002),
-    "ping over 125 bytes": ([frame(PING, b"x" * 126)], 1002),
-    "continuation without start": ([frame(CONT, b"x")], 1002),
-    "new message inside fragmented one": ([frame(TEXT, b"a", fin=False), frame(TEXT, b"b")], 1002),
-    "binary inside fragmented text": ([frame(TEXT, b"a", fin=False), frame(BINARY, b"b")], 1002),
-    "invalid utf-8 in one frame": ([frame(TEXT, b"ok \xff")], 1007),
-    "overlong utf-8": ([frame(TEXT, b"\xc0\xaf")], 1007),
-    "utf-16 surrogate": ([frame(TEXT, b"\xed\xa0\x80")], 1007),
-    "code point above U+10FFFF": ([frame(TEXT, b"\xf4\x90\x80\x80")], 1007),
-    "truncated utf-8 at end of message": ([frame(TEXT, b"ab\xe2\x82")], 1007),
+    "fragmented ping": ([frame(PING, b"x", fin=False)], CloseCode.PROTOCOL_ERROR),
+    "fragmented close": ([frame(CLOSE, close_payload(1000), fin=False)], CloseCode.PROTOCOL_ERROR),
+    "ping over 125 bytes": ([frame(PING, b"x" * 126)], CloseCode.PROTOCOL_ERROR),
+    "continuation without start": ([frame(CONT, b"x")], CloseCode.PROTOCOL_ERROR),
+    "new message inside fragmented one": (
+        [frame(TEXT, b"a", fin=False), frame(TEXT, b"b")],
+        CloseCode.PROTOCOL_ERROR,
+    ),
+    "binary inside fragmented text": (
+        [frame(TEXT, b"a", fin=False), frame(BINARY, b"b")],
+        CloseCode.PROTOCOL_ERROR,
+    ),
+    "invalid utf-8 in one frame": ([frame(TEXT, b"ok \xff")], CloseCode.INVALID_PAYLOAD_DATA),
+    "overlong utf-8": ([frame(TEXT, b"\xc0\xaf")], CloseCode.INVALID_PAYLOAD_DATA),
+    "utf-16 surrogate": ([frame(TEXT, b"\xed\xa0\x80")], CloseCode.INVALID_PAYLOAD_DATA),
+    "code point above U+10FFFF": (
+        [frame(TEXT, b"\xf4\x90\x80\x80")],
+        CloseCode.INVALID_PAYLOAD_DATA,
+    ),
+    "truncated utf-8 at end of message": (
+        [frame(TEXT, b"ab\xe2\x82")],
+        CloseCode.INVALID_PAYLOAD_DATA,
+    ),
     "invalid utf-8 split across fragments": (
         [frame(TEXT, b"ok \xe2", fin=False), frame(CONT, b"\x28\xa1")],
-        1007,
+        CloseCode.INVALID_PAYLOAD_DATA,
     ),
     "invalid utf-8 in a later fragment": (
         [
@@ -39,22 +53,25 @@ CASES = {
             frame(CONT, b"\xff", fin=False),
             frame(CONT, b"never needed"),
         ],
-        1007,
+        CloseCode.INVALID_PAYLOAD_DATA,
     ),
     **{
-        f"close code {code}": ([frame(CLOSE, close_payload(code))], 1002)
+        f"close code {code}": ([frame(CLOSE, close_payload(code))], CloseCode.PROTOCOL_ERROR)
         for code in (0, 999, 1004, 1005, 1006, 1015, 2999, 5000)
     },
-    "1-byte close payload": ([frame(CLOSE, b"\x03")], 1002),
-    "close reason with invalid utf-8": ([frame(CLOSE, close_payload(1000, b"\xff\xfe"))], 1007),
-    "message over the size limit": ([frame(BINARY, b"x" * 4097)], 1009),
+    "1-byte close payload": ([frame(CLOSE, b"\x03")], CloseCode.PROTOCOL_ERROR),
+    "close reason with invalid utf-8": (
+        [frame(CLOSE, close_payload(1000, b"\xff\xfe"))],
+        CloseCode.INVALID_PAYLOAD_DATA,
+    ),
+    "message over the size limit": ([frame(BINARY, b"x" * 4097)], CloseCode.MESSAGE_TOO_BIG),
     "fragments over the size limit": (
         [frame(BINARY, b"x" * 3000, fin=False), frame(CONT, b"x" * 3000)],
-        1009,
+        CloseCode.MESSAGE_TOO_BIG,
     ),
     "frame length with the top bit set": (
         [b"\x82\xff\x80\x00\x00\x00\x00\x00\x00\x01" + b"mask"],
-        1002,
+        CloseCode.PROTOCOL_ERROR,
     ),
 }
 

@@ -11,9 +11,9 @@ import struct
 import pytest
 import trustme
 import websockets
-from relay_process import METRICS_ON
 from websockets.exceptions import ConnectionClosed, InvalidMessage
 
+from relay_process import METRICS_ON
 from scrape import scrape
 from wsraw import RawClient, frame
 

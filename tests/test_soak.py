@@ -10,8 +10,8 @@ import time
 
 import psutil
 import pytest
-from relay_process import METRICS_ON
 
+from relay_process import METRICS_ON
 from scrape import scrape
 from wsraw import RawClient, close_payload, frame
 

@@ -14,13 +14,22 @@ TIMEOUT = 10.0
 
 def handshake_request(path: str = "/", key: str | None = None, extra: str = "") -> bytes:
     key = key or base64.b64encode(os.urandom(16)).decode()
-    return (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            f"Sec-WebSocket-Version: 13\r\n{extra}\r\n").encode()
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+        f"Sec-WebSocket-Version: 13\r\n{extra}\r\n"
+    ).encode()
 
 
-def frame(opcode: int, payload: bytes = b"", *, fin: bool = True, rsv: int = 0,
-          mask: bool = True, key: bytes | None = None) -> bytes:
+def frame(
+    opcode: int,
+    payload: bytes = b"",
+    *,
+    fin: bool = True,
+    rsv: int = 0,
+    mask: bool = True,
+    key: bytes | None = None,
+) -> bytes:
     first = (0x80 if fin else 0) | (rsv << 4) | opcode
     n = len(payload)
     mbit = 0x80 if mask else 0
@@ -127,10 +136,10 @@ def check_server_output(stream: bytes) -> None:
         assert b0 & 0x70 == 0 and not b1 & 0x80
         n, pos = b1 & 0x7F, pos + 2
         if n == 126:
-            n, pos = struct.unpack("!H", stream[pos:pos + 2])[0], pos + 2
+            n, pos = struct.unpack("!H", stream[pos : pos + 2])[0], pos + 2
         elif n == 127:
-            n, pos = struct.unpack("!Q", stream[pos:pos + 8])[0], pos + 8
-        payload, pos = stream[pos:pos + n], pos + n
+            n, pos = struct.unpack("!Q", stream[pos : pos + 8])[0], pos + 8
+        payload, pos = stream[pos : pos + n], pos + n
         assert len(payload) == n, "truncated payload"
         if b0 & 0x0F == 0x8:
             assert pos == len(stream), "bytes after the close frame"

@@ -163,8 +163,8 @@ cdef class Hub:
     cdef size_t encode_compressed(self, uint8_t opcode, const char *payload, size_t n,
                                   size_t *length) except? 0
     cdef int mark_dirty(self, Connection c) except -1
-    cdef int broadcast(self, Connection sender, uint8_t opcode,
-                       const char *payload, size_t n) except -1
+    cdef Py_ssize_t broadcast(self, Room room, Connection sender, uint8_t opcode,
+                              const char *payload, size_t n) except -1
     cdef int expire(self, double now) except -1
     cdef int keepalive(self, double now) except -1
     cdef void shrink_arena(self) noexcept
@@ -184,6 +184,8 @@ cdef class Connection:
     # Lifecycle.
     cdef readonly State state
     cdef readonly bint deflate         # permessage-deflate negotiated
+    cdef readonly bint read_only       # may join but not send (the gate said so)
+    cdef readonly double expires_at    # closed with 1008 at this time; 0: never
     cdef readonly int close_code       # what was sent or received, for logs
     cdef readonly double deadline      # handshake or close deadline; 0: none
     cdef readonly bint ping_outstanding
@@ -195,8 +197,7 @@ cdef class Connection:
     cdef RateWindow rate
 
     cdef int handshake_step(self) except -1
-    cdef int open(self, str room_name, bytes response, Py_ssize_t consumed,
-                  bint deflate) except -1
+    cdef int open(self, object accept) except -1
     cdef int respond_and_close(self, bytes response) except -1
     cdef size_t parse(self, char *data, size_t total) except? 0
     cdef int relay_compressed(self, const char *payload, size_t n) except -1

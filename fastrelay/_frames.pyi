@@ -81,6 +81,7 @@ class Hub:
     def close_all(self, code: int, reason: str) -> None: ...
     def abort_all(self) -> None: ...
     def flush(self) -> None: ...
+    def publish(self, room_name: str, text: bool, payload: bytes) -> int: ...
 
 class Connection(asyncio.BufferedProtocol):
     hub: Hub
@@ -88,6 +89,8 @@ class Connection(asyncio.BufferedProtocol):
     transport: Any
     state: State
     deflate: bool
+    read_only: bool
+    expires_at: float
     close_code: int
     deadline: float
     backlog: int

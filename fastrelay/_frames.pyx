@@ -223,9 +223,14 @@ cdef class Hub:
         expired = []
         for i in range(self.clients.count):
             c = <Connection>self.clients.items[i]
-            if c.deadline != 0 and c.deadline <= now:
+            if (c.deadline != 0 and c.deadline <= now) or (
+                    c.expires_at != 0 and c.expires_at <= now and c.state == OPEN):
                 expired.append(c)
         for c in expired:
+            if c.state == OPEN and c.expires_at != 0 and c.expires_at <= now:
+                # The access the client was given has run out.
+                c.start_close(POLICY_VIOLATION, "token expired")
+                continue
             c.deadline = 0
             if c.state == OPEN:
                 c.start_close(INTERNAL_ERROR, "keepalive ping timeout")
@@ -322,11 +327,11 @@ cdef class Hub:
             self.loop.call_soon(self.flush_callback)
         return 0
 
-    cdef int broadcast(self, Connection sender, uint8_t opcode,
-                       const char *payload, size_t n) except -1:
+    cdef Py_ssize_t broadcast(self, Room room, Connection sender, uint8_t opcode,
+                              const char *payload, size_t n) except -1:
         """Encode the frame once (and once compressed, when members of the
-        room negotiated permessage-deflate) and give every member a slice."""
-        cdef Room room = sender.room
+        room negotiated permessage-deflate) and give every member a slice;
+        returns how many got it. `sender` may be None (a publish)."""
         cdef Connection m
         cdef Py_ssize_t i
         cdef size_t delivered = 0
@@ -349,7 +354,20 @@ cdef class Hub:
                 m.append_slice(offset, length)
             delivered += 1
         self.deliveries += delivered
-        return 0
+        return delivered
+
+    def publish(self, str room_name, bint text, payload):
+        """Deliver one message from outside the room (the HTTP publish API)
+        to its local members, encoded once like any other; returns how many
+        members got it (0 when the room has none here)."""
+        cdef Room room = self.rooms.get(room_name)
+        cdef bytes data = bytes(payload)
+        if len(data) > self.max_message_size:
+            raise ValueError("message larger than relay.max_message_size")
+        if room is None:
+            return 0
+        return self.broadcast(room, None, TEXT if text else BINARY,
+                              PyBytes_AS_STRING(data), len(data))
 
     def flush(self):
         """Write every dirty connection's slices: one write each."""
@@ -535,22 +553,27 @@ cdef class Connection:
         if type(decision) is Incomplete:
             self.inbox.scan_from = decision.scan_from
         elif type(decision) is Accept:
-            self.open(decision.room, decision.response, decision.consumed, decision.deflate)
+            self.open(decision)
         else:
             self.respond_and_close(decision.response)
         return 0
 
-    cdef int open(self, str room_name, bytes response, Py_ssize_t consumed,
-                  bint deflate) except -1:
-        """Send the 101 response, join the room and parse whatever frames
-        followed the request in the same read (none are lost)."""
+    cdef int open(self, object accept) except -1:
+        """Act on an Accept: send its 101 response, join its room, and parse
+        whatever frames followed the request in the same read (none are
+        lost)."""
         cdef Hub hub = self.hub
         cdef Room room
+        cdef str room_name = accept.room
+        cdef bytes response = accept.response
+        cdef Py_ssize_t consumed = accept.consumed
         cdef size_t rest, used
         self.send_raw(PyBytes_AS_STRING(response), len(response))
         self.state = OPEN
         self.deadline = 0
-        self.deflate = deflate
+        self.deflate = accept.deflate
+        self.read_only = accept.read_only
+        self.expires_at = accept.expires_at
         room = hub.rooms.get(room_name)
         if room is None:
             room = Room(room_name)
@@ -643,6 +666,9 @@ cdef class Connection:
                 if msg.opcode:
                     self.fail(PROTOCOL_ERROR, b"new message inside a fragmented one")
                     return total
+                if self.read_only:
+                    self.fail(POLICY_VIOLATION, b"read-only")
+                    return total
                 msg.opcode = h.opcode
                 msg.compressed = h.rsv1
                 msg.utf8_state = UTF8_ACCEPT
@@ -665,7 +691,7 @@ cdef class Connection:
             if msg.compressed:
                 self.relay_compressed(<char *>payload, n)
             else:
-                hub.broadcast(self, msg.opcode, <char *>payload, n)
+                hub.broadcast(self.room, self, msg.opcode, <char *>payload, n)
             msg.opcode = 0
             self.release_fragments()
         return pos
@@ -686,7 +712,8 @@ cdef class Connection:
         if self.message.opcode == TEXT and not utf8_complete(
                 <const uint8_t *>PyBytes_AS_STRING(data), len(data)):
             return self.fail(INVALID_PAYLOAD_DATA, b"invalid UTF-8")
-        return hub.broadcast(self, self.message.opcode, PyBytes_AS_STRING(data), len(data))
+        hub.broadcast(self.room, self, self.message.opcode, PyBytes_AS_STRING(data), len(data))
+        return 0
 
     cdef inline bint over_rate(self) noexcept:
         """Count one message against the limit of the current window."""

@@ -84,6 +84,9 @@ class Accept:
     response: bytes
     consumed: int  # bytes of the request head; what follows is frames
     deflate: bool = False  # permessage-deflate negotiated
+    # Set by the gate's access checks, not by the parser:
+    read_only: bool = False  # may join but not send (closed with 1008 if it does)
+    expires_at: float = 0.0  # event-loop time (loop.time()) of a 1008 close; 0: never
 
 
 @dataclass(frozen=True, slots=True)

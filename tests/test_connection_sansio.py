@@ -10,6 +10,7 @@ path is exercised by the end-to-end tests."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Any
@@ -82,13 +83,28 @@ class ManualLoop:
             callback(*args)
 
 
+class GrantingGate(Gate):
+    """The real gate, then a grant narrowed as an access check would: the
+    test sets `grant` (Accept fields) before a client joins."""
+
+    def __init__(self, settings: GateSettings, log: logging.Logger) -> None:
+        super().__init__(settings, log)
+        self.grant: dict[str, Any] = {}
+
+    def decide(self, head: memoryview, scan_from: int, conn: Connection) -> Any:
+        decision = super().decide(head, scan_from, conn)
+        if isinstance(decision, handshake.Accept):
+            return dataclasses.replace(decision, **self.grant)
+        return decision
+
+
 class Relay:
     """A hub with the real gate, and helpers to add clients and feed them."""
 
     def __init__(self, **hub_options: Any) -> None:
         self.loop = ManualLoop()
         settings = GateSettings(limits=handshake.Limits(), max_connections=0, demo_page=None)
-        self.gate = Gate(settings, logging.getLogger("test"))
+        self.gate = GrantingGate(settings, logging.getLogger("test"))
         options: dict[str, Any] = {
             "handshake_timeout": 10.0,
             "close_timeout": 5.0,
@@ -421,3 +437,49 @@ def test_keepalive_pings_and_closes_whoever_does_not_answer() -> None:
         (True, Opcode.CLOSE, close_body(1011, b"keepalive ping timeout"))
     ]
     assert silent.state == State.CLOSING
+
+
+# -- what the gate may grant: read-only members, expiry; publishing from outside ----
+
+
+def test_a_read_only_member_receives_but_is_closed_when_it_sends() -> None:
+    relay = Relay()
+    speaker, _ = relay.join()
+    relay.gate.grant = {"read_only": True}
+    listener, listener_out = relay.join()
+    assert listener.read_only
+    feed(speaker, client_frame(Opcode.TEXT, b"news"))
+    relay.loop.run_turn()
+    assert frames_of(listener_out.take()) == [(True, Opcode.TEXT, b"news")]
+    # Pings are fine; a data frame is not.
+    feed(listener, client_frame(Opcode.PING, b""))
+    feed(listener, client_frame(Opcode.TEXT, b"me too"))
+    relay.loop.run_turn()
+    assert frames_of(listener_out.take()) == [
+        (True, Opcode.PONG, b""),
+        (True, Opcode.CLOSE, close_body(1008, b"read-only")),
+    ]
+    assert listener.close_code == CloseCode.POLICY_VIOLATION
+
+
+def test_a_grant_that_expires_closes_the_connection_at_its_time() -> None:
+    relay = Relay()
+    relay.gate.grant = {"expires_at": relay.loop.now + 30.0}
+    conn, transport = relay.join()
+    relay.sweep(29.0)
+    assert conn.state == State.OPEN and transport.writes == []
+    relay.sweep(1.5)
+    assert frames_of(transport.take()) == [(True, Opcode.CLOSE, close_body(1008, b"token expired"))]
+    assert conn.state == State.CLOSING
+
+
+def test_publish_delivers_to_the_rooms_members_once_encoded() -> None:
+    relay = Relay(max_message_size=1024)
+    members = [relay.join("/news") for _ in range(3)]
+    assert relay.hub.publish("/news", True, "héllo".encode()) == 3
+    assert relay.hub.publish("/nobody", False, b"x") == 0
+    relay.loop.run_turn()
+    for _, transport in members:
+        assert frames_of(transport.take()) == [(True, Opcode.TEXT, "héllo".encode())]
+    with pytest.raises(ValueError):
+        relay.hub.publish("/news", False, bytes(1025))

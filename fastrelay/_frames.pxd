@@ -108,6 +108,8 @@ cdef class Hub:
     cdef object loop
     cdef readonly object gate          # decides on upgrade requests (upgrade.Gate)
     cdef public object close_log       # None, or called with (conn, code, reason, by_peer)
+    cdef public object backplane       # None, or shares rooms with other processes
+    cdef list outgoing                 # this turn's local messages for the backplane
     cdef readonly bint echo
     cdef readonly Py_ssize_t max_message_size
     cdef readonly Py_ssize_t max_backlog
@@ -167,6 +169,7 @@ cdef class Hub:
                               const char *payload, size_t n) except -1
     cdef int expire(self, double now) except -1
     cdef int keepalive(self, double now) except -1
+    cdef void share_outgoing(self) noexcept
     cdef void shrink_arena(self) noexcept
 
 

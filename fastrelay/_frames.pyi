@@ -32,6 +32,13 @@ class _Gate(Protocol):
     # Returns a handshake.Incomplete, Accept or Refuse.
     def decide(self, head: memoryview, scan_from: int, conn: Connection) -> Any: ...
 
+class _Backplane(Protocol):
+    # Called once per loop turn with (room, opcode, payload) of every local
+    # message of the turn, in order.
+    def send_batch(self, batch: list[tuple[str, int, bytes]]) -> None: ...
+    def room_opened(self, room: str) -> None: ...
+    def room_closed(self, room: str) -> None: ...
+
 class _EventLike(Protocol):
     def set(self) -> None: ...
 
@@ -42,6 +49,7 @@ class Room:
 class Hub:
     gate: _Gate | None
     close_log: Callable[[Connection, int, str, bool], None] | None
+    backplane: _Backplane | None
     all_gone: _EventLike | None
     rooms: dict[str, Room]
     echo: bool
@@ -82,6 +90,7 @@ class Hub:
     def abort_all(self) -> None: ...
     def flush(self) -> None: ...
     def publish(self, room_name: str, text: bool, payload: bytes) -> int: ...
+    def deliver(self, room_name: str, opcode: int, payload: bytes) -> int: ...
 
 class Connection(asyncio.BufferedProtocol):
     hub: Hub

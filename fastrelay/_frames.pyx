@@ -145,6 +145,7 @@ cdef class Hub:
         self.flush_callback = self.flush
         self.rooms = {}
         self.closes = {}
+        self.outgoing = []
         self.echo = echo
         self.max_message_size = max_message_size
         self.max_backlog = max_backlog
@@ -341,6 +342,11 @@ cdef class Hub:
         if room.deflate_members and n >= COMPRESS_MIN:
             zoffset = self.encode_compressed(opcode, payload, n, &zlength)
         self.messages += 1
+        if self.backplane is not None and sender is not None:
+            # One copy per message (not per member), published once per turn.
+            if not self.outgoing and self.dirty.count == 0:
+                self.loop.call_soon(self.flush_callback)
+            self.outgoing.append((room.name, opcode, PyBytes_FromStringAndSize(payload, n)))
         for i in range(room.members.count):
             m = <Connection>room.members.items[i]
             if m is sender and not self.echo:
@@ -358,16 +364,33 @@ cdef class Hub:
 
     def publish(self, str room_name, bint text, payload):
         """Deliver one message from outside the room (the HTTP publish API)
-        to its local members, encoded once like any other; returns how many
-        members got it (0 when the room has none here)."""
+        to its local members, encoded once like any other, and through the
+        backplane to other processes; returns how many local members got
+        it (0 when the room has none here)."""
         cdef Room room = self.rooms.get(room_name)
         cdef bytes data = bytes(payload)
+        cdef int opcode = TEXT if text else BINARY
         if len(data) > self.max_message_size:
             raise ValueError("message larger than relay.max_message_size")
+        if self.backplane is not None:
+            if not self.outgoing and self.dirty.count == 0:
+                self.loop.call_soon(self.flush_callback)
+            self.outgoing.append((room_name, opcode, data))
         if room is None:
             return 0
-        return self.broadcast(room, None, TEXT if text else BINARY,
-                              PyBytes_AS_STRING(data), len(data))
+        return self.broadcast(room, None, opcode, PyBytes_AS_STRING(data), len(data))
+
+    def deliver(self, str room_name, int opcode, payload):
+        """A message another process relayed (from the backplane): to the
+        local members of its room, encoded once into this turn's arena like
+        a local one, and not published again. Returns the deliveries."""
+        cdef Room room = self.rooms.get(room_name)
+        cdef const unsigned char[::1] data = payload
+        if room is None or (opcode != TEXT and opcode != BINARY):
+            return 0
+        if data.shape[0] == 0:
+            return self.broadcast(room, None, opcode, b"", 0)
+        return self.broadcast(room, None, opcode, <const char *>&data[0], data.shape[0])
 
     def flush(self):
         """Write every dirty connection's slices: one write each."""
@@ -401,10 +424,25 @@ cdef class Hub:
             for i in range(self.dirty.count):
                 Py_DECREF(<object>self.dirty.items[i])
             self.dirty.count = 0
+            if self.outgoing:
+                self.share_outgoing()
             self.arena_len = 0
             if self.arena_cap > ARENA_KEEP:
                 # A turn of big messages grew it: give the memory back.
                 self.shrink_arena()
+
+    cdef void share_outgoing(self) noexcept:
+        """Hand this turn's local messages to the backplane in one batch; a
+        failure there never costs local delivery."""
+        batch = self.outgoing
+        self.outgoing = []
+        try:
+            self.backplane.send_batch(batch)
+        except Exception as exc:
+            self.loop.call_exception_handler({
+                "message": "fastrelay: backplane publish failed",
+                "exception": exc,
+            })
 
     cdef void shrink_arena(self) noexcept:
         cdef char *smaller = <char *>realloc(self.arena, ARENA_KEEP)
@@ -578,6 +616,8 @@ cdef class Connection:
         if room is None:
             room = Room(room_name)
             hub.rooms[room_name] = room
+            if hub.backplane is not None:
+                hub.backplane.room_opened(room_name)
         room.add(self)
         self.room = room
         hub.connected += 1
@@ -852,6 +892,8 @@ cdef class Connection:
         hub.disconnections_total += 1
         if room.members.count == 0 and hub.rooms.get(room.name) is room:
             del hub.rooms[room.name]
+            if hub.backplane is not None:
+                hub.backplane.room_closed(room.name)
         return 0
 
     # -- output --------------------------------------------------------------------

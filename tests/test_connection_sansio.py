@@ -483,3 +483,54 @@ def test_publish_delivers_to_the_rooms_members_once_encoded() -> None:
         assert frames_of(transport.take()) == [(True, Opcode.TEXT, "héllo".encode())]
     with pytest.raises(ValueError):
         relay.hub.publish("/news", False, bytes(1025))
+
+
+# -- the backplane seam ------------------------------------------------------------
+
+
+class RecordingBackplane:
+    """What the hub hands a backplane, recorded."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[str, int, bytes]]] = []
+        self.events: list[tuple[str, str]] = []
+
+    def send_batch(self, batch: list[tuple[str, int, bytes]]) -> None:
+        self.batches.append(batch)
+
+    def room_opened(self, room: str) -> None:
+        self.events.append(("opened", room))
+
+    def room_closed(self, room: str) -> None:
+        self.events.append(("closed", room))
+
+
+def test_local_messages_are_shared_once_per_turn_and_remote_ones_are_not() -> None:
+    relay = Relay(echo=False)
+    backplane = relay.hub.backplane = RecordingBackplane()
+    (sender, sender_out), (other, other_out) = relay.join("/b"), relay.join("/b")
+    assert backplane.events == [("opened", "/b")]
+    feed(sender, client_frame(Opcode.TEXT, b"one") + client_frame(Opcode.BINARY, b"two"))
+    relay.loop.run_turn()
+    assert backplane.batches == [[("/b", Opcode.TEXT, b"one"), ("/b", Opcode.BINARY, b"two")]]
+    # From another process: every local member gets it (the sender is
+    # elsewhere), and it is not published again.
+    assert relay.hub.deliver("/b", Opcode.TEXT, b"remote") == 2
+    assert relay.hub.deliver("/nobody", Opcode.TEXT, b"x") == 0
+    relay.loop.run_turn()
+    assert len(backplane.batches) == 1
+    assert frames_of(sender_out.take()) == [(True, Opcode.TEXT, b"remote")]
+    assert frames_of(other_out.take())[-1] == (True, Opcode.TEXT, b"remote")
+    sender.connection_lost(None)
+    other.connection_lost(None)
+    assert backplane.events == [("opened", "/b"), ("closed", "/b")]
+
+
+def test_a_lone_member_without_echo_still_reaches_other_processes() -> None:
+    relay = Relay(echo=False)
+    backplane = relay.hub.backplane = RecordingBackplane()
+    sender, sender_out = relay.join("/solo")
+    feed(sender, client_frame(Opcode.TEXT, b"anyone?"))
+    relay.loop.run_turn()
+    assert sender_out.writes == []
+    assert backplane.batches == [[("/solo", Opcode.TEXT, b"anyone?")]]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from .provenance import describe
 from .records import RunMeta, RunResult, Stats, SummaryRow
 from .workloads import Workload
 
@@ -207,6 +208,7 @@ def markdown(meta: RunMeta, summary: list[SummaryRow], runs: list[RunResult]) ->
         "- date: %s" % meta.date,
         "- command: `%s`" % meta.command,
         "- machine: %s" % meta.machine.describe(),
+        "- %s" % describe(meta.code_start, meta.code_end),
         "- libraries: %s" % vers,
         "- %s; %d repetitions, servers interleaved; %.1fs warmup + %.1fs measured per run"
         % (meta.pinning, meta.reps, meta.settings.warmup, meta.settings.duration),

@@ -39,12 +39,12 @@ def ms(x: float | None) -> str:
 
 
 def ns(x: float | None) -> str:
-    """A CPU time per delivery: 18 ns, 950 ns, 4.2 µs."""
+    """A CPU time per delivery: 18 ns, 950 ns, 3.0 µs, 12 µs."""
     if x is None or _missing(x):
         return "-"
     if x < 1000:
         return "%.0f ns" % x
-    return "%.2g µs" % (x / 1000) if x < 10_000 else "%.0f µs" % (x / 1000)
+    return "%.1f µs" % (x / 1000) if x < 10_000 else "%.0f µs" % (x / 1000)
 
 
 def times(r: float) -> str:

@@ -71,7 +71,7 @@ cdef struct Outbox:
     Py_ssize_t count
     size_t cap
     bint dirty                     # in the hub's dirty list
-    bint close_after_flush         # close the transport once written
+    bint finish_after_flush        # end our side (finish()) once written
     bint via_transport             # the transport still holds bytes of ours
     Py_ssize_t backlog             # bytes in the transport's buffer, last seen
 
@@ -191,7 +191,7 @@ cdef class Connection:
     cdef readonly double expires_at    # closed with 1008 at this time; 0: never
     cdef readonly int close_code       # what was sent or received, for logs
     cdef readonly double deadline      # handshake or close deadline; 0: none
-    cdef readonly bint ping_outstanding
+    cdef Py_ssize_t linger_budget      # bytes still discarded after our close; then a reset
 
     # Input, the message being reassembled, output, and the rate window.
     cdef Inbox inbox
@@ -221,4 +221,5 @@ cdef class Connection:
     cdef int queue_rest(self, Py_ssize_t first, size_t skip) except -1
     cdef int drop_broken(self) except -1
     cdef int slow_client(self) except -1
+    cdef int finish(self) except -1
     cdef int close_transport(self) except -1

@@ -84,6 +84,10 @@ DEF SHARED_READ_SIZE = 262144
 # needed more.
 DEF ARENA_START = 65536
 DEF ARENA_KEEP = 4194304
+# After our close frame, at most LINGER_FACTOR x max(max_message_size,
+# LINGER_MIN) bytes from the client are read and dropped before a reset.
+DEF LINGER_FACTOR = 8
+DEF LINGER_MIN = 1048576
 # A reassembly buffer larger than this is freed after its message.
 DEF MESSAGE_KEEP = 65536
 # permessage-deflate: messages shorter than this go uncompressed (RSV1 clear,
@@ -269,7 +273,7 @@ cdef class Hub:
             elif c.state == HANDSHAKE:
                 c.state = CLOSED
                 c.deadline = self.now + self.close_timeout
-                c.close_transport()
+                c.finish()
 
     def abort_all(self):
         """Drop every connection now (the shutdown timeout passed)."""
@@ -404,11 +408,11 @@ cdef class Hub:
                 c = <Connection>self.dirty.items[i]
                 c.out.dirty = False
                 try:
-                    if c.state != CLOSED or c.out.close_after_flush:
+                    if c.state != CLOSED or c.out.finish_after_flush:
                         c.write_pending()
-                    if c.out.close_after_flush:
-                        c.out.close_after_flush = False
-                        c.close_transport()
+                    if c.out.finish_after_flush:
+                        c.out.finish_after_flush = False
+                        c.finish()
                 except Exception as exc:
                     # One connection's failure must not cost the others
                     # their writes: drop it and report.
@@ -494,6 +498,9 @@ cdef class Connection:
             self.direct = transport.get_extra_info("sslcontext") is None
         self.client_index = registry_push(&hub.clients, self)
         self.deadline = hub.now + hub.handshake_timeout
+        # Spent only once closed: see buffer_updated.
+        self.linger_budget = LINGER_FACTOR * (hub.max_message_size if hub.max_message_size >
+                                              LINGER_MIN else LINGER_MIN)
 
     def connection_lost(self, exc):
         cdef Hub hub = self.hub
@@ -512,7 +519,7 @@ cdef class Connection:
         self.direct = False
         self.deadline = 0
         self.out.count = 0
-        self.out.close_after_flush = False
+        self.out.finish_after_flush = False
         self.transport = None
         if 0 <= i < hub.clients.count and hub.clients.items[i] == <PyObject *>self:
             moved = registry_take(&hub.clients, i)
@@ -562,7 +569,14 @@ cdef class Connection:
         cdef size_t total, used
         self.hub.bytes_received += nbytes
         if self.state == CLOSED:
+            # Lingering after our close (RFC 6455 section 7.1.1): what the
+            # client still sends is read and dropped, so that closing the
+            # socket never meets unread bytes (which the kernel would answer
+            # with a reset that destroys our close frame in flight).
             self.inbox.len = 0
+            self.linger_budget -= nbytes
+            if self.linger_budget < 0:
+                self.abort()
             return
         if self.inbox.shared_offset >= 0:
             data = self.hub.shared_read
@@ -637,7 +651,7 @@ cdef class Connection:
         self.state = CLOSED
         self.inbox.len = 0
         self.deadline = self.hub.now + self.hub.close_timeout
-        self.out.close_after_flush = True
+        self.out.finish_after_flush = True
         self.hub.mark_dirty(self)
         return 0
 
@@ -830,7 +844,7 @@ cdef class Connection:
         # Section 7.1.1: the server closes the TCP connection first; if the
         # peer never reads, the close deadline drops it.
         self.deadline = hub.now + hub.close_timeout
-        self.out.close_after_flush = True
+        self.out.finish_after_flush = True
         hub.mark_dirty(self)
         self.closed(code, PyBytes_FromStringAndSize(<char *>payload + 2, n - 2).decode()
                     if n >= 2 else "", True)
@@ -842,7 +856,7 @@ cdef class Connection:
             self.hub.protocol_errors += 1
         self.start_close(code, reason.decode())
         self.state = CLOSED
-        self.out.close_after_flush = True
+        self.out.finish_after_flush = True
         self.hub.mark_dirty(self)
         return 0
 
@@ -1019,7 +1033,7 @@ cdef class Connection:
         if self.room is not None:
             self.leave_room()
         self.state = CLOSED
-        self.out.close_after_flush = False
+        self.out.finish_after_flush = False
         self.transport.abort()
         return 0
 
@@ -1040,6 +1054,19 @@ cdef class Connection:
         self.state = CLOSED
         self.deadline = hub.now + hub.close_timeout
         self.closed(POLICY_VIOLATION, reason.decode(), False)
+        return self.finish()
+
+    cdef int finish(self) except -1:
+        """Our last bytes are queued: end our side. Plain TCP half-closes
+        once they are written (the client reads everything, then EOF) and
+        goes on reading until the client's EOF, bounded by linger_budget and
+        the close deadline; TLS has no half-close in asyncio, so its
+        transport closes (close_notify)."""
+        if self.transport is None or self.transport.is_closing():
+            return 0
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+            return 0
         return self.close_transport()
 
     cdef int close_transport(self) except -1:

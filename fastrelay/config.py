@@ -265,11 +265,15 @@ class LimitsConfig:
         ),
     )
     slow_client_policy: str = _option(
-        "disconnect",
+        "backpressure",
         OptionMeta(
-            "`disconnect`: close the slow client; `drop`: skip messages for it until its "
-            "backlog drains. Both are counted in the metrics.",
-            choices=("disconnect", "drop"),
+            "`backpressure`: when a member's backlog passes a quarter of `max_backlog`, "
+            "the room's senders are read no faster than it reads (nothing is lost); a "
+            "member that makes no progress for `timeouts.slow_client` seconds or reaches "
+            "`max_backlog` is closed with 1008. `disconnect`: no slowing down, close at "
+            "`max_backlog`. `drop`: no slowing down, skip messages for it until its backlog "
+            "drains. All are counted in the metrics.",
+            choices=("backpressure", "disconnect", "drop"),
         ),
     )
     max_messages_per_second: int = _option(
@@ -302,6 +306,14 @@ class TimeoutsConfig:
         5.0,
         OptionMeta(
             "Seconds to wait for the peer's close frame before dropping the connection.",
+            above=0,
+        ),
+    )
+    slow_client: float = _option(
+        5.0,
+        OptionMeta(
+            "Seconds a member may hold its room back (slow_client_policy `backpressure`) "
+            "without reading anything before it is closed with 1008.",
             above=0,
         ),
     )

@@ -85,6 +85,7 @@ class Relay:
             close_timeout=timeouts.close,
             ping_interval=timeouts.ping_interval,
             ping_timeout=timeouts.ping_timeout,
+            slow_client_timeout=timeouts.slow_client,
         )
         if self.log.isEnabledFor(logging.DEBUG):
             hub.close_log = self._log_close
@@ -97,7 +98,9 @@ class Relay:
             backlog=4096,
         )
         self.port = self.server.sockets[0].getsockname()[1]
-        shortest = min(timeouts.handshake, timeouts.close, timeouts.ping_timeout)
+        shortest = min(
+            timeouts.handshake, timeouts.close, timeouts.ping_timeout, timeouts.slow_client
+        )
         self._sweep_interval = min(shortest / SWEEPS_PER_TIMEOUT, SWEEP_MAX_INTERVAL)
         self._sweeper = loop.call_later(self._sweep_interval, self._sweep)
 

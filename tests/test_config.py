@@ -195,7 +195,7 @@ def test_defaults_match_the_spec():
         lim.slow_client_policy,
         lim.max_messages_per_second,
         lim.allowed_origins,
-    ) == ("disconnect", 0, ())
+    ) == ("backpressure", 0, ())
     t = cfg.timeouts
     assert (t.handshake, t.shutdown, t.close, t.ping_interval, t.ping_timeout) == (
         10.0,

@@ -38,6 +38,8 @@ class RecordingTransport:
         self.closed = False
         self.eof_written = False  # our side half-closed (write_eof)
         self.aborted = False
+        self.reading = True  # pause_reading() / resume_reading()
+        self.limits: tuple[int, int] | None = None  # set_write_buffer_limits(high, low)
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return ("127.0.0.1", 40000) if name == "peername" else default
@@ -45,6 +47,17 @@ class RecordingTransport:
     def write(self, data: bytes) -> None:
         assert not (self.ended or self.aborted), "write after the end"
         self.writes.append(bytes(data))
+
+    def set_write_buffer_limits(self, high: int, low: int) -> None:
+        self.limits = (high, low)
+
+    def pause_reading(self) -> None:
+        assert self.reading, "paused twice"
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        assert not self.reading, "resumed while reading"
+        self.reading = True
 
     def can_write_eof(self) -> bool:
         return True  # like a plain TCP transport
@@ -410,6 +423,43 @@ def test_after_a_failure_the_client_is_read_and_dropped_within_a_budget() -> Non
 
 
 # -- slow clients --------------------------------------------------------------------
+
+
+def test_backpressure_pauses_the_room_until_the_slow_member_drains() -> None:
+    relay = Relay(max_backlog=1 << 20)
+    (_, sender_out), (reader, reader_out) = relay.join(), relay.join()
+    assert reader_out.limits == (1 << 18, 1 << 16)  # a quarter, a sixteenth of max_backlog
+    # The transport reports the reader over its high-water mark.
+    reader_out.buffered = 300_000
+    reader.pause_writing()
+    assert not sender_out.reading and not reader_out.reading
+    late, late_out = relay.join()  # a newcomer waits with the room
+    assert not late_out.reading
+    reader_out.buffered = 1000
+    reader.resume_writing()
+    assert sender_out.reading and reader_out.reading and late_out.reading
+    assert reader.state == State.OPEN and relay.hub.slow_disconnects == 0
+
+
+def test_backpressure_closes_a_member_that_makes_no_progress() -> None:
+    relay = Relay(slow_client_timeout=5.0)
+    (_, sender_out), (stuck, stuck_out) = relay.join(), relay.join()
+    (slow, slow_out) = relay.join()
+    stuck_out.buffered = slow_out.buffered = 300_000
+    stuck.pause_writing()
+    slow.pause_writing()
+    relay.sweep(3.0)
+    slow_out.buffered = 200_000  # the slow one reads a little
+    relay.sweep(2.5)
+    assert frames_of(stuck_out.take()) == [
+        (True, Opcode.CLOSE, close_body(1008, b"reader stalled"))
+    ]
+    assert stuck.state == State.CLOSED and slow.state == State.OPEN
+    assert relay.hub.slow_disconnects == 1
+    assert not sender_out.reading  # the slow one still holds the room
+    relay.sweep(5.5)  # ... and made no progress since
+    assert slow.state == State.CLOSED
+    assert sender_out.reading  # the room goes on
 
 
 def test_disconnect_policy_closes_a_member_over_its_backlog() -> None:

@@ -61,6 +61,10 @@ cdef struct Message:
     uint8_t opcode                 # 0: none in progress
     bint compressed                # its first frame had RSV1 (RFC 7692)
     uint32_t utf8_state            # validator state across fragments
+    # A text frame still arriving: payload bytes unmasked and validated so
+    # far, and the validator state after them.
+    size_t checked
+    uint32_t checked_state
     char *data
     size_t len
     size_t cap
@@ -219,6 +223,8 @@ cdef class Connection:
     cdef inline bint over_rate(self) noexcept
     cdef int keep_rest(self, char *data, size_t total, size_t used) except -1
     cdef int append_fragment(self, const uint8_t *payload, size_t n) except -1
+    cdef bint check_partial_text(self, uint8_t opcode, bint rsv1, uint32_t mask,
+                                 uint8_t *payload, size_t avail) noexcept
     cdef void release_fragments(self) noexcept
     cdef int on_close_frame(self, const uint8_t *payload, size_t n) except -1
     cdef int fail(self, int code, const char *reason) except -1

@@ -746,7 +746,7 @@ cdef class Connection:
         cdef size_t pos = 0
         cdef uint8_t *p
         cdef uint8_t *payload
-        cdef size_t n
+        cdef size_t n, checked
         cdef Hub hub = self.hub
         cdef Message *msg = &self.message
         self.inbox.need = 0
@@ -766,10 +766,21 @@ cdef class Connection:
                     return total
             if total - pos - hlen < h.length:
                 self.inbox.need = hlen + h.length
+                if self.state == OPEN and not self.check_partial_text(
+                        h.opcode, h.rsv1, h.mask, p + hlen, total - pos - hlen):
+                    self.fail(INVALID_PAYLOAD_DATA, b"invalid UTF-8")
+                    return total
                 break
             n = h.length
             payload = p + hlen
-            unmask(payload, n, h.mask)
+            checked = msg.checked
+            if checked:
+                # The start of this text frame was unmasked and validated
+                # while it arrived (check_partial_text): only the rest now.
+                msg.checked = 0
+                unmask_from(payload + checked, n - checked, h.mask, checked)
+            else:
+                unmask(payload, n, h.mask)
             pos += hlen + n
             if self.state == CLOSING and h.opcode != CLOSE:
                 # Section 5.5.1: after our close, only the peer's close
@@ -810,7 +821,9 @@ cdef class Connection:
                 msg.utf8_state = UTF8_ACCEPT
             if msg.opcode == TEXT and not msg.compressed:
                 # Fail at the first invalid byte, not at the end (section 8.1).
-                if utf8_feed(&msg.utf8_state, payload, n) < 0 or (
+                if checked:
+                    msg.utf8_state = msg.checked_state
+                if utf8_feed(&msg.utf8_state, payload + checked, n - checked) < 0 or (
                         h.fin and msg.utf8_state != UTF8_ACCEPT):
                     self.fail(INVALID_PAYLOAD_DATA, b"invalid UTF-8")
                     return total
@@ -884,6 +897,29 @@ cdef class Connection:
             memcpy(inbox.data, data + used, rest)
         inbox.len = rest
         return 0
+
+    cdef bint check_partial_text(self, uint8_t opcode, bint rsv1, uint32_t mask,
+                                 uint8_t *payload, size_t avail) noexcept:
+        """A text frame still arriving: unmask and validate the bytes that
+        are here, so invalid UTF-8 closes the connection at once (RFC 6455
+        section 8.1) instead of after the whole frame. Only for a frame in
+        a valid place (starting a message, or continuing a text one), so
+        that sequencing errors keep their own close code. False: invalid."""
+        cdef Message *msg = &self.message
+        if rsv1 or avail <= msg.checked:
+            return True
+        if opcode == TEXT and msg.opcode == 0:
+            if msg.checked == 0:
+                msg.checked_state = UTF8_ACCEPT
+        elif not (opcode == CONTINUATION and msg.opcode == TEXT and not msg.compressed):
+            return True
+        elif msg.checked == 0:
+            msg.checked_state = msg.utf8_state
+        unmask_from(payload + msg.checked, avail - msg.checked, mask, msg.checked)
+        if utf8_feed(&msg.checked_state, payload + msg.checked, avail - msg.checked) < 0:
+            return False
+        msg.checked = avail
+        return True
 
     cdef int append_fragment(self, const uint8_t *payload, size_t n) except -1:
         cdef Message *msg = &self.message

@@ -239,12 +239,17 @@ def test_the_gate_converts_exp_to_loop_time(monkeypatch, enforce):
     gate, hub, loop = gate_with(
         auth.Verifier(SECRET, ["HS256"], leeway=2.0, enforce_expiry=enforce)
     )
-    # The hub's clock is the loop's (1000.0 here); the token's is Unix time.
+    # The hub's clock is the loop's; the token's is Unix time. The hub last
+    # swept at 1000.0 and the loop has moved on since: the gate reads the
+    # loop's clock, so the deadline does not come a sweep interval early.
+    gate.clock = loop.time
+    loop.now += 0.4
     monkeypatch.setattr(upgrade.time, "time", lambda: now + 40.0)
     conn, out = upgrade_with(hub, loop, "/r?token=" + token(exp=exp, publish=True))
     assert out.startswith(b"HTTP/1.1 101 ")
     assert conn.state == State.OPEN and not conn.read_only
-    assert conn.expires_at == (loop.now + (exp + 2.0 - (now + 40.0)) if enforce else 0.0)
+    assert hub.now == 1000.0
+    assert conn.expires_at == (1000.4 + (exp + 2.0 - (now + 40.0)) if enforce else 0.0)
 
 
 def test_the_gate_refuses_and_counts():

@@ -21,6 +21,7 @@ turns into the 101 or an HTTP refusal.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -342,13 +343,14 @@ def mint(
     issuer: str = "",
     now: float | None = None,
 ) -> str:
-    """A token for `rooms`, valid `ttl` seconds from `now`."""
+    """A token for `rooms`, valid `ttl` seconds from `now` (a negative ttl
+    makes one that has already expired)."""
     issued = int(time.time() if now is None else now)
     claims: dict[str, Any] = {
         "rooms": list(rooms),
         "publish": not read_only,
         "iat": issued,
-        "exp": issued + max(1, round(ttl)),
+        "exp": issued + math.ceil(ttl),  # whole seconds (RFC 7519 NumericDate), never shorter
     }
     if subject:
         claims["sub"] = subject

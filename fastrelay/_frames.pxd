@@ -105,6 +105,7 @@ cdef class Room:
     cdef readonly str name
     cdef Registry members
     cdef Py_ssize_t deflate_members    # how many negotiated permessage-deflate
+    cdef Py_ssize_t deflate_windows[16]  # of those, how many per server window (9..15 bits)
     cdef Py_ssize_t congested          # members over the high-water mark; > 0: reading paused
 
     cdef int pause_reading(self) except -1
@@ -177,8 +178,8 @@ cdef class Hub:
     cdef size_t arena_reserve(self, size_t n) except? 0
     cdef size_t encode(self, uint8_t first, const char *payload, size_t n,
                        size_t *length) except? 0
-    cdef size_t encode_compressed(self, uint8_t opcode, const char *payload, size_t n,
-                                  size_t *length) except? 0
+    cdef size_t encode_compressed(self, uint8_t opcode, int window, const char *payload,
+                                  size_t n, size_t *length) except? 0
     cdef int mark_dirty(self, Connection c) except -1
     cdef Py_ssize_t broadcast(self, Room room, Connection sender, uint8_t opcode,
                               const char *payload, size_t n) except -1
@@ -203,6 +204,7 @@ cdef class Connection:
     # Lifecycle.
     cdef readonly State state
     cdef readonly bint deflate         # permessage-deflate negotiated
+    cdef readonly uint8_t deflate_window  # our LZ77 window for it, 9..15 bits (RFC 7692 7.1.2.1)
     cdef readonly bint read_only       # may join but not send (the gate said so)
     cdef readonly double expires_at    # closed with 1008 at this time; 0: never
     cdef readonly int close_code       # what was sent or received, for logs

@@ -117,6 +117,8 @@ cdef class Room:
     cdef int add(self, Connection c) except -1:
         c.room_index = registry_push(&self.members, c)
         self.deflate_members += c.deflate
+        if c.deflate:
+            self.deflate_windows[c.deflate_window] += 1
         return 0
 
     cdef int pause_reading(self) except -1:
@@ -143,6 +145,8 @@ cdef class Room:
             (<Connection>moved).room_index = i
         c.room_index = -1
         self.deflate_members -= c.deflate
+        if c.deflate:
+            self.deflate_windows[c.deflate_window] -= 1
         Py_DECREF(c)
 
 
@@ -335,12 +339,13 @@ cdef class Hub:
         length[0] = hlen + n
         return offset
 
-    cdef size_t encode_compressed(self, uint8_t opcode, const char *payload, size_t n,
-                                  size_t *length) except? 0:
+    cdef size_t encode_compressed(self, uint8_t opcode, int window, const char *payload,
+                                  size_t n, size_t *length) except? 0:
         """RFC 7692 section 7.2.1 without context takeover: deflate the
-        message on its own, drop the 00 00 ff ff tail, set RSV1. Sets
-        *length to 0 when compression does not make it smaller."""
-        deflater = zlib.compressobj(COMPRESS_LEVEL, zlib.DEFLATED, -15)
+        message on its own with a `window`-bit LZ77 window, drop the 00 00
+        ff ff tail, set RSV1. Sets *length to 0 when compression does not
+        make it smaller."""
+        deflater = zlib.compressobj(COMPRESS_LEVEL, zlib.DEFLATED, -window)
         data = deflater.compress(PyBytes_FromStringAndSize(payload, n))
         data += deflater.flush(zlib.Z_SYNC_FLUSH)
         cdef size_t zn = len(data) - 4
@@ -366,11 +371,20 @@ cdef class Hub:
         cdef Connection m
         cdef Py_ssize_t i
         cdef size_t delivered = 0
-        cdef size_t length, zlength = 0
+        cdef size_t length
         cdef size_t offset = self.encode(0x80 | opcode, payload, n, &length)
-        cdef size_t zoffset = 0
-        if room.deflate_members and n >= COMPRESS_MIN:
-            zoffset = self.encode_compressed(opcode, payload, n, &zlength)
+        # Compressed once per server window present in the room (0: that
+        # window's members get the plain frame).
+        cdef size_t zoffset[16]
+        cdef size_t zlength[16]
+        cdef bint compressed = room.deflate_members and n >= COMPRESS_MIN
+        cdef int window
+        if compressed:
+            for window in range(9, 16):
+                zlength[window] = 0
+                if room.deflate_windows[window]:
+                    zoffset[window] = self.encode_compressed(opcode, window, payload, n,
+                                                             &zlength[window])
         self.messages += 1
         if self.backplane is not None and sender is not None:
             # One copy per message (not per member), published once per turn.
@@ -384,8 +398,8 @@ cdef class Hub:
             if self.drop_slow and m.out.backlog > self.max_backlog and m.refresh_backlog():
                 self.slow_drops += 1
                 continue
-            if zlength and m.deflate:
-                m.append_slice(zoffset, zlength)
+            if compressed and m.deflate and zlength[m.deflate_window]:
+                m.append_slice(zoffset[m.deflate_window], zlength[m.deflate_window])
             else:
                 m.append_slice(offset, length)
             delivered += 1
@@ -704,6 +718,7 @@ cdef class Connection:
         self.state = OPEN
         self.deadline = 0
         self.deflate = accept.deflate
+        self.deflate_window = accept.deflate_window
         self.read_only = accept.read_only
         self.expires_at = accept.expires_at
         room = hub.rooms.get(room_name)

@@ -347,7 +347,7 @@ def ec_key_file(tmp_path):
         ),
         (
             "auth: {enabled: true, algorithms: [none]}\n",
-            "auth.algorithms: 'none': not an algorithm",
+            "auth.algorithms: unknown value 'none' (expected one of: HS256, HS384",
         ),
         ("auth: {enabled: true, algorithms: []}\n", "auth.algorithms: list at least one"),
         (

@@ -136,6 +136,7 @@ with zipfile.ZipFile(wheel) as whl:
     if "fastrelay = fastrelay.cli:main" not in entry_points:
         problems.append("wheel: no `fastrelay = fastrelay.cli:main` console script")
     # No debug info in the release build: list the ELF section names.
+    modules = [n for n in names if n.startswith("fastrelay/_") and n.endswith(".so")]
     for module in modules:
         elf = whl.read(module)
         if elf[:4] != b"\x7fELF" or elf[4] != 2 or elf[5] != 1:

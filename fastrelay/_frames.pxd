@@ -90,6 +90,14 @@ cdef struct RateWindow:
     Py_ssize_t count
 
 
+cdef struct FastRequest:
+    # An upgrade request scan_upgrade (_upgrade.pxi) proved ordinary.
+    size_t consumed                # bytes of the head, the blank line included
+    size_t path_start              # the room: the target up to '?'
+    size_t path_end
+    size_t key_start               # Sec-WebSocket-Key's 24 characters
+
+
 cdef struct Registry:
     # Connections in a C array; each knows its index, so removal swaps the
     # last one in (O(1)). Every entry holds a reference.
@@ -120,6 +128,13 @@ cdef class Hub:
     # Settings.
     cdef object loop
     cdef readonly object gate          # decides on upgrade requests (upgrade.Gate)
+    # The common upgrade in C (scan_upgrade) when the gate allows it, with the
+    # limits it checks; the rest goes to the gate.
+    cdef public bint fast_upgrade
+    cdef public Py_ssize_t max_connections
+    cdef public Py_ssize_t max_request_head
+    cdef public Py_ssize_t max_headers
+    cdef public bint compression
     cdef public object close_log       # None, or called with (conn, code, reason, by_peer)
     cdef public object backplane       # None, or shares rooms with other processes
     cdef list outgoing                 # this turn's local messages for the backplane
@@ -219,6 +234,8 @@ cdef class Connection:
 
     cdef int handshake_step(self) except -1
     cdef int open(self, object accept) except -1
+    cdef int open_fast(self, FastRequest *req) except -1
+    cdef int join(self, str room_name, Py_ssize_t consumed) except -1
     cdef int respond_and_close(self, bytes response) except -1
     cdef size_t parse(self, char *data, size_t total) except? 0
     cdef int relay_compressed(self, const char *payload, size_t n) except -1

@@ -48,6 +48,11 @@ class Room:
 
 class Hub:
     gate: _Gate | None
+    fast_upgrade: bool
+    max_connections: int
+    max_request_head: int
+    max_headers: int
+    compression: bool
     close_log: Callable[[Connection, int, str, bool], None] | None
     backplane: _Backplane | None
     all_gone: _EventLike | None

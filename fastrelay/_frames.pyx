@@ -26,6 +26,7 @@ window) is ``Hub.sweep``, which the server calls a few times a second.
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.ref cimport PyObject, Py_DECREF, Py_INCREF
+from cpython.unicode cimport PyUnicode_DecodeASCII
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memmove
@@ -37,6 +38,7 @@ from fastrelay.handshake import Accept, Incomplete
 include "_codec.pxi"
 include "_utf8.pxi"
 include "_grow.pxi"
+include "_upgrade.pxi"
 
 
 cdef extern from "Python.h":
@@ -177,6 +179,8 @@ cdef class Hub:
         self.backpressure = slow_client_policy == "backpressure"
         self.slow_client_timeout = slow_client_timeout
         self.max_rate = max_messages_per_second
+        self.max_request_head = 8192
+        self.max_headers = 64
         self.handshake_timeout = handshake_timeout
         self.close_timeout = close_timeout
         self.ping_interval = ping_interval
@@ -689,8 +693,19 @@ cdef class Connection:
     # -- the upgrade -------------------------------------------------------------
 
     cdef int handshake_step(self) except -1:
-        """Ask the gate about the request bytes so far and act on its
-        decision. The view is released before acting: the buffer may move."""
+        """The common case in C (scan_upgrade, when the gate allows it: no
+        access checks or origin list, not logging at debug); otherwise, or
+        when the scan defers, ask the gate about the request bytes so far
+        and act on its decision. The view is released before acting: the
+        buffer may move."""
+        cdef Hub hub = self.hub
+        cdef FastRequest req
+        if (hub.fast_upgrade
+                and scan_upgrade(<const uint8_t *>self.inbox.data, self.inbox.len,
+                                 hub.max_request_head, hub.max_headers, hub.compression, &req)
+                and (hub.max_connections == 0 or hub.connected < hub.max_connections)
+                and hub.gate.accepting):
+            return self.open_fast(&req)
         view = PyMemoryView_FromMemory(self.inbox.data, self.inbox.len, PyBUF_READ)
         try:
             decision = self.hub.gate.decide(view, self.inbox.scan_from, self)
@@ -705,22 +720,40 @@ cdef class Connection:
         return 0
 
     cdef int open(self, object accept) except -1:
-        """Act on an Accept: send its 101 response, join its room, and parse
-        whatever frames followed the request in the same read (none are
-        lost)."""
-        cdef Hub hub = self.hub
-        cdef Room room
-        cdef str room_name = accept.room
+        """Act on an Accept: send its 101 response and join its room."""
         cdef bytes response = accept.response
-        cdef Py_ssize_t consumed = accept.consumed
-        cdef size_t rest, used
         self.send_raw(PyBytes_AS_STRING(response), len(response))
-        self.state = OPEN
-        self.deadline = 0
         self.deflate = accept.deflate
         self.deflate_window = accept.deflate_window
         self.read_only = accept.read_only
         self.expires_at = accept.expires_at
+        return self.join(accept.room, accept.consumed)
+
+    cdef int open_fast(self, FastRequest *req) except -1:
+        """An ordinary upgrade proved valid by scan_upgrade: the 101 written
+        straight into the arena, no Python object but the room's name."""
+        cdef Hub hub = self.hub
+        cdef const char *head = self.inbox.data
+        cdef str room_name = PyUnicode_DecodeASCII(head + req.path_start,
+                                                   req.path_end - req.path_start, NULL)
+        cdef size_t n = SWITCHING_LEN + ACCEPT_LEN + 4
+        cdef size_t offset = hub.arena_reserve(n)
+        cdef char *out = hub.arena + offset
+        memcpy(out, SWITCHING, SWITCHING_LEN)
+        accept_token(<const uint8_t *>head + req.key_start, out + SWITCHING_LEN)
+        memcpy(out + SWITCHING_LEN + ACCEPT_LEN, b"\r\n\r\n", 4)
+        self.append_slice(offset, n)
+        self.deflate_window = 15
+        return self.join(room_name, req.consumed)
+
+    cdef int join(self, str room_name, Py_ssize_t consumed) except -1:
+        """Open: join the room, and parse whatever frames followed the
+        request head in the same read (none are lost)."""
+        cdef Hub hub = self.hub
+        cdef Room room
+        cdef size_t rest, used
+        self.state = OPEN
+        self.deadline = 0
         room = hub.rooms.get(room_name)
         if room is None:
             room = Room(room_name)

@@ -90,6 +90,12 @@ class Relay:
         self.gate.clock = loop.time
         if self.log.isEnabledFor(logging.DEBUG):
             hub.close_log = self._log_close
+        limits = self.gate.settings.limits
+        hub.fast_upgrade = self.gate.allows_fast_path()
+        hub.max_connections = self.gate.settings.max_connections
+        hub.max_request_head = limits.max_head
+        hub.max_headers = limits.max_headers
+        hub.compression = limits.compression
         self.server = await loop.create_server(
             functools.partial(Connection, hub),
             host=cfg.server.host,

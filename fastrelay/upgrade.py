@@ -49,6 +49,17 @@ class Gate:
         # lags by up to a sweep interval and would close connections early.
         self.clock: Callable[[], float] | None = None
 
+    def allows_fast_path(self) -> bool:
+        """Whether the compiled scan may accept ordinary upgrades without
+        asking: nothing to check beyond the request itself (no tokens, no
+        origin list) and nothing to log per connection."""
+        settings = self.settings
+        return (
+            settings.verifier is None
+            and not settings.limits.allowed_origins
+            and not self.log.isEnabledFor(logging.DEBUG)
+        )
+
     def count_failure(self, reason: str, n: int = 1) -> None:
         self.failures[reason] = self.failures.get(reason, 0) + n
 

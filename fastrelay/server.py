@@ -6,6 +6,8 @@ out through the `_frames.Hub`. This module only does what happens once per
 process or a few times a second: it builds the hub and the upgrade gate,
 listens, calls `Hub.sweep` (handshake, close and keepalive deadlines, the
 rate-limit window), logs closes at debug level, and shuts down gracefully.
+With `backplane.url` set it also runs the Redis backplane (backplane.py)
+that shares the hub's rooms with other processes.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 from . import handshake
 from ._frames import CloseCode, Connection, Hub
+from .backplane import RedisBackplane
 from .config import Config
 from .tls import server_context
 from .upgrade import Gate, GateSettings
@@ -36,8 +39,10 @@ def _demo_page() -> bytes:
 class Relay:
     """A listening relay: start(), snapshot() for metrics, shutdown()."""
 
-    def __init__(self, cfg: Config, log: logging.Logger) -> None:
+    def __init__(self, cfg: Config, log: logging.Logger, *, reuse_port: bool = False) -> None:
         self.cfg = cfg
+        # A worker shares its port with the others (SO_REUSEPORT).
+        self.reuse_port = reuse_port
         self.log = log
         self.gate = Gate(
             GateSettings(
@@ -53,6 +58,7 @@ class Relay:
             log,
         )
         self.hub: Hub | None = None
+        self.backplane: RedisBackplane | None = None
         self.server: asyncio.Server | None = None
         self.port = 0
         self._sweeper: asyncio.TimerHandle | None = None
@@ -84,12 +90,19 @@ class Relay:
         )
         if self.log.isEnabledFor(logging.DEBUG):
             hub.close_log = self._log_close
+        if cfg.backplane.url:
+            # Connects in the background: the relay serves its local rooms
+            # whether or not Redis is there yet.
+            self.backplane = RedisBackplane(cfg.backplane, hub, self.log)
+            hub.backplane = self.backplane
+            self.backplane.start()
         self.server = await loop.create_server(
             functools.partial(Connection, hub),
             host=cfg.server.host,
             port=cfg.server.port,
             ssl=self._ssl_context(),
             reuse_address=True,
+            reuse_port=self.reuse_port or None,
             backlog=4096,
         )
         self.port = self.server.sockets[0].getsockname()[1]
@@ -115,6 +128,12 @@ class Relay:
     def snapshot(self) -> dict[str, Any]:
         values = self.hub.counters() if self.hub is not None else {}
         values["handshake_failures"] = dict(self.gate.failures)
+        if self.backplane is not None:
+            values.update(self.backplane.counters())
+            # The hub counts what it relayed from other processes as
+            # messages too; the total means messages from our own clients,
+            # so that summed over processes each message counts once.
+            values["messages_total"] -= self.backplane.relayed_remote
         return values
 
     async def shutdown(self, timeout: float) -> None:
@@ -140,3 +159,5 @@ class Relay:
                 hub.abort_all()
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self.backplane is not None:
+            await self.backplane.close()

@@ -60,6 +60,7 @@ CONNECT_TIMEOUT = 5.0
 # Seconds Redis may take to answer a pipeline before the session is
 # deemed lost.
 COMMAND_TIMEOUT = 10.0
+CLOSE_TIMEOUT = 2.0
 
 
 class PacketError(ValueError):
@@ -175,7 +176,9 @@ class RedisBackplane:
     async def close(self) -> None:
         if self.task is not None:
             self.task.cancel()
-            await asyncio.gather(self.task, return_exceptions=True)
+            # Bounded: closing redis-py's connections can wait on a socket
+            # that is being connected; shutdown must not.
+            await asyncio.wait([self.task], timeout=CLOSE_TIMEOUT)
             self.task = None
 
     def channel(self, room: str) -> bytes:

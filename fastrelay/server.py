@@ -91,11 +91,8 @@ class Relay:
         if self.log.isEnabledFor(logging.DEBUG):
             hub.close_log = self._log_close
         if cfg.backplane.url:
-            # Connects in the background: the relay serves its local rooms
-            # whether or not Redis is there yet.
             self.backplane = RedisBackplane(cfg.backplane, hub, self.log)
             hub.backplane = self.backplane
-            self.backplane.start()
         self.server = await loop.create_server(
             functools.partial(Connection, hub),
             host=cfg.server.host,
@@ -106,6 +103,11 @@ class Relay:
             backlog=4096,
         )
         self.port = self.server.sockets[0].getsockname()[1]
+        if self.backplane is not None:
+            # Connects in the background (once listening, so that a relay
+            # that cannot listen has nothing to stop): local rooms work
+            # whether or not Redis is there yet.
+            self.backplane.start()
         shortest = min(timeouts.handshake, timeouts.close, timeouts.ping_timeout)
         self._sweep_interval = min(shortest / SWEEPS_PER_TIMEOUT, SWEEP_MAX_INTERVAL)
         self._sweeper = loop.call_later(self._sweep_interval, self._sweep)

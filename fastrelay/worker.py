@@ -8,7 +8,9 @@ supervisor with a `worker N:` prefix, and runs the relay on the shared port
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import signal
 import socket
 import sys
 
@@ -17,6 +19,8 @@ import uvloop
 from .cli import EXIT_USAGE, StartupError, serve
 from .control import ControlChannel
 from .logs import setup_logging
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class _WorkerPrefix(logging.Filter):
@@ -30,6 +34,16 @@ class _WorkerPrefix(logging.Filter):
         if not str(record.msg).startswith(self.prefix):
             record.msg = self.prefix + str(record.msg)
         return True
+
+
+def _die_with_the_supervisor() -> None:
+    """Linux: SIGTERM when the supervisor dies, whatever the worker is doing
+    (the control channel's end-of-file covers the rest, once serving)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux
 
 
 async def _work(fd: int) -> int:
@@ -56,6 +70,7 @@ def main(argv: list[str]) -> int:
     if len(argv) != 1 or not argv[0].isdigit():
         print("fastrelay.worker: started by the supervisor only", file=sys.stderr)
         return EXIT_USAGE
+    _die_with_the_supervisor()
     return uvloop.run(_work(int(argv[0])))
 
 

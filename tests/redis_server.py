@@ -34,12 +34,13 @@ class RedisServer:
     """One redis-server process; stop() and start() again keep its port, so
     a relay configured with its URL finds it back after an outage."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, password: str | None = None) -> None:
         binary = shutil.which("redis-server")
         assert binary, "redis-server is not installed: bash .ci/install-redis.sh"
         self.binary = binary
         self.workdir = workdir
         self.port = port or free_port()
+        self.password = password
         self.proc: subprocess.Popen[str] | None = None
         self.log: list[str] = []
 
@@ -56,7 +57,8 @@ class RedisServer:
         assert self.proc is None or self.proc.poll() is not None, "already running"
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1"]
-            + ["--save", "", "--appendonly", "no", "--dir", str(self.workdir)],
+            + ["--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
+            + (["--requirepass", self.password] if self.password else []),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -91,7 +93,7 @@ class RedisServer:
             raise
 
     def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_timeout=10)
+        return redis.Redis(port=self.port, password=self.password, socket_timeout=10)
 
     def channels(self) -> set[bytes]:
         """PUBSUB CHANNELS: the channels with at least one subscriber now."""
@@ -111,5 +113,5 @@ class RedisServer:
                 if now == count:
                     return
                 if time.monotonic() > deadline:
-                    raise AssertionError(f"{channel!r}: {now} subscribers, expected {count}")
+                    raise AssertionError(f"{channel[:80]!r}: {now} subscribers, expected {count}")
                 time.sleep(0.01)  # a poll interval on Redis's answer, not a wait for an event

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .machine import Machine
+    from .provenance import CodeState
     from .workloads import Settings, Workload
 
 
@@ -183,4 +184,6 @@ class RunMeta:
     settings: Settings
     machine: Machine
     workloads: list[Workload]
+    code_start: CodeState
+    code_end: CodeState | None = None  # taken when the last run is done
     elapsed_s: float = 0.0

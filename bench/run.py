@@ -36,6 +36,7 @@ import uvloop  # noqa: E402
 
 from bench import report, wire  # noqa: E402
 from bench.machine import machine  # noqa: E402
+from bench.provenance import changed, code_state, describe  # noqa: E402
 from bench.records import (  # noqa: E402
     Latency,
     Measured,
@@ -356,6 +357,7 @@ async def main_async(args: argparse.Namespace) -> int:
         settings=s,
         machine=machine(),
         workloads=workloads,
+        code_start=code_state(),
     )
 
     def log(msg: str) -> None:
@@ -363,6 +365,7 @@ async def main_async(args: argparse.Namespace) -> int:
 
     log("fastrelay bench: %s" % meta.command)
     log("machine: %s" % meta.machine.describe())
+    log(describe(meta.code_start, None))
     log(
         "%s; RLIMIT_NOFILE %d; servers: %s; %d repetition(s); %.1fs warmup + %.1fs measured"
         % (pin_note, meta.nofile, ", ".join(meta.servers), reps, s.warmup, s.duration)
@@ -399,6 +402,7 @@ async def main_async(args: argparse.Namespace) -> int:
 
     summary = report.summarise(runs, workloads, meta.servers)
     meta.elapsed_s = round(time.perf_counter() - t_start, 1)
+    meta.code_end = code_state()
     log("")
     log(report.table(summary))
     log("")
@@ -408,6 +412,8 @@ async def main_async(args: argparse.Namespace) -> int:
             "caveat: load generator CPU > %s in: %s (figures there are a lower bound)"
             % (report.pct(report.CLIENT_BOUND), report.names(bound))
         )
+    if changed(meta.code_start, meta.code_end):
+        log("caveat: " + describe(meta.code_start, meta.code_end))
     noisy = report.noisy(summary)
     if noisy:
         log(

@@ -53,6 +53,7 @@ cdef struct Inbox:
     size_t need                    # size of the frame being waited for
     Py_ssize_t shared_offset       # where the last read went in the shared buffer; -1: data
     Py_ssize_t scan_from           # handshake: where the search for the head's end resumes
+    bint paused                    # reading paused: its room waits for a slow member
 
 
 cdef struct Message:
@@ -71,9 +72,12 @@ cdef struct Outbox:
     Py_ssize_t count
     size_t cap
     bint dirty                     # in the hub's dirty list
-    bint close_after_flush         # close the transport once written
+    bint finish_after_flush        # end our side (finish()) once written
     bint via_transport             # the transport still holds bytes of ours
     Py_ssize_t backlog             # bytes in the transport's buffer, last seen
+    bint congested                 # over the high-water mark: its room's senders wait
+    Py_ssize_t stall_mark          # backpressure: buffered bytes at the last progress check
+    double stall_deadline          # backpressure: next progress check
 
 
 cdef struct RateWindow:
@@ -97,6 +101,10 @@ cdef class Room:
     cdef readonly str name
     cdef Registry members
     cdef Py_ssize_t deflate_members    # how many negotiated permessage-deflate
+    cdef Py_ssize_t congested          # members over the high-water mark; > 0: reading paused
+
+    cdef int pause_reading(self) except -1
+    cdef int resume_reading(self) except -1
 
     cdef int add(self, Connection c) except -1
     cdef void remove(self, Connection c) noexcept
@@ -114,6 +122,8 @@ cdef class Hub:
     cdef readonly Py_ssize_t max_message_size
     cdef readonly Py_ssize_t max_backlog
     cdef readonly bint drop_slow
+    cdef readonly bint backpressure    # slow_client_policy "backpressure"
+    cdef readonly double slow_client_timeout
     cdef readonly Py_ssize_t max_rate
     cdef readonly double handshake_timeout
     cdef readonly double close_timeout
@@ -139,6 +149,7 @@ cdef class Hub:
     cdef size_t arena_len
     cdef size_t arena_cap
     cdef Registry dirty
+    cdef Registry held                 # senders not read again until the flush
     cdef object flush_callback
 
     # One read buffer shared by all connections.
@@ -169,6 +180,7 @@ cdef class Hub:
                               const char *payload, size_t n) except -1
     cdef int expire(self, double now) except -1
     cdef int keepalive(self, double now) except -1
+    cdef void release_held(self) noexcept
     cdef void share_outgoing(self) noexcept
     cdef void shrink_arena(self) noexcept
 
@@ -191,7 +203,7 @@ cdef class Connection:
     cdef readonly double expires_at    # closed with 1008 at this time; 0: never
     cdef readonly int close_code       # what was sent or received, for logs
     cdef readonly double deadline      # handshake or close deadline; 0: none
-    cdef readonly bint ping_outstanding
+    cdef Py_ssize_t linger_budget      # bytes still discarded after our close; then a reset
 
     # Input, the message being reassembled, output, and the rate window.
     cdef Inbox inbox
@@ -220,5 +232,8 @@ cdef class Connection:
     cdef int write_pending(self) except -1
     cdef int queue_rest(self, Py_ssize_t first, size_t skip) except -1
     cdef int drop_broken(self) except -1
-    cdef int slow_client(self) except -1
+    cdef int slow_client(self, bytes reason) except -1
+    cdef int congestion_check(self, double now) except -1
+    cdef int set_reading(self, bint paused) except -1
+    cdef int finish(self) except -1
     cdef int close_transport(self) except -1

@@ -56,6 +56,8 @@ class Hub:
     max_message_size: int
     max_backlog: int
     drop_slow: bool
+    backpressure: bool
+    slow_client_timeout: float
     max_rate: int
     handshake_timeout: float
     close_timeout: float
@@ -83,6 +85,7 @@ class Hub:
         close_timeout: float = ...,
         ping_interval: float = ...,
         ping_timeout: float = ...,
+        slow_client_timeout: float = ...,
     ) -> None: ...
     def counters(self) -> dict[str, Any]: ...
     def sweep(self, now: float) -> int: ...

@@ -84,6 +84,10 @@ DEF SHARED_READ_SIZE = 262144
 # needed more.
 DEF ARENA_START = 65536
 DEF ARENA_KEEP = 4194304
+# After our close frame, at most LINGER_FACTOR x max(max_message_size,
+# LINGER_MIN) bytes from the client are read and dropped before a reset.
+DEF LINGER_FACTOR = 8
+DEF LINGER_MIN = 1048576
 # A reassembly buffer larger than this is freed after its message.
 DEF MESSAGE_KEEP = 65536
 # permessage-deflate: messages shorter than this go uncompressed (RSV1 clear,
@@ -115,6 +119,20 @@ cdef class Room:
         self.deflate_members += c.deflate
         return 0
 
+    cdef int pause_reading(self) except -1:
+        """Backpressure: a member fell behind, so no member is read (each may
+        be a sender); TCP then pushes back on the senders."""
+        cdef Py_ssize_t i
+        for i in range(self.members.count):
+            (<Connection>self.members.items[i]).set_reading(True)
+        return 0
+
+    cdef int resume_reading(self) except -1:
+        cdef Py_ssize_t i
+        for i in range(self.members.count):
+            (<Connection>self.members.items[i]).set_reading(False)
+        return 0
+
     cdef void remove(self, Connection c) noexcept:
         cdef Py_ssize_t i = c.room_index
         cdef PyObject *moved
@@ -135,11 +153,13 @@ cdef class Hub:
 
     def __init__(self, loop, gate=None, *, bint echo=True,
                  Py_ssize_t max_message_size=1048576, Py_ssize_t max_backlog=1048576,
-                 str slow_client_policy="disconnect", Py_ssize_t max_messages_per_second=0,
+                 str slow_client_policy="backpressure", Py_ssize_t max_messages_per_second=0,
                  double handshake_timeout=10.0, double close_timeout=5.0,
-                 double ping_interval=20.0, double ping_timeout=20.0):
-        if slow_client_policy not in ("disconnect", "drop"):
-            raise ValueError("slow_client_policy must be 'disconnect' or 'drop'")
+                 double ping_interval=20.0, double ping_timeout=20.0,
+                 double slow_client_timeout=5.0):
+        if slow_client_policy not in ("backpressure", "disconnect", "drop"):
+            raise ValueError(
+                "slow_client_policy must be 'backpressure', 'disconnect' or 'drop'")
         self.loop = loop
         self.gate = gate
         self.flush_callback = self.flush
@@ -150,6 +170,8 @@ cdef class Hub:
         self.max_message_size = max_message_size
         self.max_backlog = max_backlog
         self.drop_slow = slow_client_policy == "drop"
+        self.backpressure = slow_client_policy == "backpressure"
+        self.slow_client_timeout = slow_client_timeout
         self.max_rate = max_messages_per_second
         self.handshake_timeout = handshake_timeout
         self.close_timeout = close_timeout
@@ -171,7 +193,10 @@ cdef class Hub:
             Py_DECREF(<object>self.dirty.items[i])
         for i in range(self.clients.count):
             Py_DECREF(<object>self.clients.items[i])
+        for i in range(self.held.count):
+            Py_DECREF(<object>self.held.items[i])
         free(self.dirty.items)
+        free(self.held.items)
         free(self.clients.items)
         free(self.arena)
         # shared_view is never handed out beyond a single read.
@@ -224,10 +249,15 @@ cdef class Hub:
         expired = []
         for i in range(self.clients.count):
             c = <Connection>self.clients.items[i]
-            if (c.deadline != 0 and c.deadline <= now) or (
+            if c.out.congested and now >= c.out.stall_deadline:
+                expired.append(c)
+            elif (c.deadline != 0 and c.deadline <= now) or (
                     c.expires_at != 0 and c.expires_at <= now and c.state == OPEN):
                 expired.append(c)
         for c in expired:
+            if c.out.congested:
+                c.congestion_check(now)
+                continue
             if c.state == OPEN and c.expires_at != 0 and c.expires_at <= now:
                 # The access the client was given has run out.
                 c.start_close(POLICY_VIOLATION, "token expired")
@@ -269,7 +299,7 @@ cdef class Hub:
             elif c.state == HANDSHAKE:
                 c.state = CLOSED
                 c.deadline = self.now + self.close_timeout
-                c.close_transport()
+                c.finish()
 
     def abort_all(self):
         """Drop every connection now (the shutdown timeout passed)."""
@@ -404,11 +434,11 @@ cdef class Hub:
                 c = <Connection>self.dirty.items[i]
                 c.out.dirty = False
                 try:
-                    if c.state != CLOSED or c.out.close_after_flush:
+                    if c.state != CLOSED or c.out.finish_after_flush:
                         c.write_pending()
-                    if c.out.close_after_flush:
-                        c.out.close_after_flush = False
-                        c.close_transport()
+                    if c.out.finish_after_flush:
+                        c.out.finish_after_flush = False
+                        c.finish()
                 except Exception as exc:
                     # One connection's failure must not cost the others
                     # their writes: drop it and report.
@@ -424,12 +454,32 @@ cdef class Hub:
             for i in range(self.dirty.count):
                 Py_DECREF(<object>self.dirty.items[i])
             self.dirty.count = 0
+            if self.held.count:
+                self.release_held()
             if self.outgoing:
                 self.share_outgoing()
             self.arena_len = 0
             if self.arena_cap > ARENA_KEEP:
                 # A turn of big messages grew it: give the memory back.
                 self.shrink_arena()
+
+    cdef void release_held(self) noexcept:
+        """Read the senders held for this turn again, unless their room is
+        waiting for a slow member (then the room resumes them)."""
+        cdef Py_ssize_t i
+        cdef Connection c
+        for i in range(self.held.count):
+            c = <Connection>self.held.items[i]
+            if c.room is None or c.room.congested == 0:
+                try:
+                    c.set_reading(False)
+                except Exception as exc:
+                    self.loop.call_exception_handler({
+                        "message": "fastrelay: could not resume reading a connection",
+                        "exception": exc,
+                    })
+            Py_DECREF(c)
+        self.held.count = 0
 
     cdef void share_outgoing(self) noexcept:
         """Hand this turn's local messages to the backplane in one batch; a
@@ -494,6 +544,14 @@ cdef class Connection:
             self.direct = transport.get_extra_info("sslcontext") is None
         self.client_index = registry_push(&hub.clients, self)
         self.deadline = hub.now + hub.handshake_timeout
+        if hub.backpressure:
+            # pause_writing() above a quarter of max_backlog, resume_writing()
+            # once under a sixteenth: the hysteresis keeps a room from
+            # flapping between paused and running.
+            transport.set_write_buffer_limits(hub.max_backlog // 4, hub.max_backlog // 16)
+        # Spent only once closed: see buffer_updated.
+        self.linger_budget = LINGER_FACTOR * (hub.max_message_size if hub.max_message_size >
+                                              LINGER_MIN else LINGER_MIN)
 
     def connection_lost(self, exc):
         cdef Hub hub = self.hub
@@ -512,7 +570,7 @@ cdef class Connection:
         self.direct = False
         self.deadline = 0
         self.out.count = 0
-        self.out.close_after_flush = False
+        self.out.finish_after_flush = False
         self.transport = None
         if 0 <= i < hub.clients.count and hub.clients.items[i] == <PyObject *>self:
             moved = registry_take(&hub.clients, i)
@@ -529,10 +587,30 @@ cdef class Connection:
         return None
 
     def pause_writing(self):
-        pass
+        """The transport holds more than the high-water mark for this
+        member: its room's senders wait (backpressure policy)."""
+        cdef Hub hub = self.hub
+        cdef Room room = self.room
+        if not hub.backpressure or self.out.congested or room is None:
+            return
+        self.out.congested = True
+        self.out.stall_mark = self.transport.get_write_buffer_size()
+        self.out.stall_deadline = hub.now + hub.slow_client_timeout
+        room.congested += 1
+        if room.congested == 1:
+            room.pause_reading()
 
     def resume_writing(self):
-        pass
+        """Drained below the low-water mark: when no member of the room is
+        behind any more, its members are read again."""
+        cdef Room room = self.room
+        if not self.out.congested:
+            return
+        self.out.congested = False
+        if room is not None:
+            room.congested -= 1
+            if room.congested == 0:
+                room.resume_reading()
 
     def get_buffer(self, Py_ssize_t sizehint):
         cdef size_t want
@@ -558,11 +636,19 @@ cdef class Connection:
                                        PyBUF_WRITE)
 
     def buffer_updated(self, Py_ssize_t nbytes):
+        cdef Hub hub = self.hub
         cdef char *data
         cdef size_t total, used
-        self.hub.bytes_received += nbytes
+        hub.bytes_received += nbytes
         if self.state == CLOSED:
+            # Lingering after our close (RFC 6455 section 7.1.1): what the
+            # client still sends is read and dropped, so that closing the
+            # socket never meets unread bytes (which the kernel would answer
+            # with a reset that destroys our close frame in flight).
             self.inbox.len = 0
+            self.linger_budget -= nbytes
+            if self.linger_budget < 0:
+                self.abort()
             return
         if self.inbox.shared_offset >= 0:
             data = self.hub.shared_read
@@ -577,6 +663,14 @@ cdef class Connection:
             return
         used = self.parse(data, total)
         self.keep_rest(data, total, used)
+        if (hub.backpressure and not self.inbox.paused
+                and hub.arena_len > <size_t>hub.max_backlog // 4):
+            # The event loop may read a socket many times before the flush:
+            # past a quarter of max_backlog in this turn, this sender waits
+            # for the flush, so no member gets more than that in one turn
+            # before backpressure can act.
+            self.set_reading(True)
+            registry_push(&hub.held, self)
 
     # -- the upgrade -------------------------------------------------------------
 
@@ -620,6 +714,8 @@ cdef class Connection:
                 hub.backplane.room_opened(room_name)
         room.add(self)
         self.room = room
+        if room.congested:
+            self.set_reading(True)
         hub.connected += 1
         hub.connections_total += 1
         rest = self.inbox.len - consumed
@@ -637,7 +733,7 @@ cdef class Connection:
         self.state = CLOSED
         self.inbox.len = 0
         self.deadline = self.hub.now + self.hub.close_timeout
-        self.out.close_after_flush = True
+        self.out.finish_after_flush = True
         self.hub.mark_dirty(self)
         return 0
 
@@ -830,7 +926,7 @@ cdef class Connection:
         # Section 7.1.1: the server closes the TCP connection first; if the
         # peer never reads, the close deadline drops it.
         self.deadline = hub.now + hub.close_timeout
-        self.out.close_after_flush = True
+        self.out.finish_after_flush = True
         hub.mark_dirty(self)
         self.closed(code, PyBytes_FromStringAndSize(<char *>payload + 2, n - 2).decode()
                     if n >= 2 else "", True)
@@ -842,7 +938,7 @@ cdef class Connection:
             self.hub.protocol_errors += 1
         self.start_close(code, reason.decode())
         self.state = CLOSED
-        self.out.close_after_flush = True
+        self.out.finish_after_flush = True
         self.hub.mark_dirty(self)
         return 0
 
@@ -888,6 +984,12 @@ cdef class Connection:
             return 0
         room.remove(self)
         self.room = None
+        if self.out.congested:
+            self.out.congested = False
+            room.congested -= 1
+            if room.congested == 0:
+                room.resume_reading()
+        self.set_reading(False)
         hub.connected -= 1
         hub.disconnections_total += 1
         if room.members.count == 0 and hub.rooms.get(room.name) is room:
@@ -1012,23 +1114,22 @@ cdef class Connection:
         out.via_transport = True
         out.backlog = self.transport.get_write_buffer_size()
         if out.backlog > hub.max_backlog and not hub.drop_slow and self.state == OPEN:
-            self.slow_client()
+            self.slow_client(b"backlog limit exceeded")
         return 0
 
     cdef int drop_broken(self) except -1:
         if self.room is not None:
             self.leave_room()
         self.state = CLOSED
-        self.out.close_after_flush = False
+        self.out.finish_after_flush = False
         self.transport.abort()
         return 0
 
-    cdef int slow_client(self) except -1:
-        """Backlog over the limit under the disconnect policy: a 1008 close
-        frame behind what is queued; the close deadline resets the
-        connection if it never drains."""
+    cdef int slow_client(self, bytes reason) except -1:
+        """A member too far behind (backlog over the limit, or no progress
+        under backpressure): a 1008 close frame behind what is queued; the
+        close deadline resets the connection if it never drains."""
         cdef Hub hub = self.hub
-        cdef bytes reason = b"backlog limit exceeded"
         cdef bytes body = bytes([POLICY_VIOLATION >> 8, POLICY_VIOLATION & 0xFF]) + reason
         cdef uint8_t head[10]
         cdef size_t hlen = write_header(head, 0x80 | CLOSE, len(body))
@@ -1040,7 +1141,43 @@ cdef class Connection:
         self.state = CLOSED
         self.deadline = hub.now + hub.close_timeout
         self.closed(POLICY_VIOLATION, reason.decode(), False)
+        return self.finish()
+
+    cdef int finish(self) except -1:
+        """Our last bytes are queued: end our side. Plain TCP half-closes
+        once they are written (the client reads everything, then EOF) and
+        goes on reading until the client's EOF, bounded by linger_budget and
+        the close deadline; TLS has no half-close in asyncio, so its
+        transport closes (close_notify)."""
+        if self.transport is None or self.transport.is_closing():
+            return 0
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+            return 0
         return self.close_transport()
+
+    cdef int set_reading(self, bint paused) except -1:
+        if paused == self.inbox.paused or self.transport is None or self.transport.is_closing():
+            return 0
+        self.inbox.paused = paused
+        if paused:
+            self.transport.pause_reading()
+        else:
+            self.transport.resume_reading()
+        return 0
+
+    cdef int congestion_check(self, double now) except -1:
+        """A congested member must make progress every slow_client_timeout
+        seconds, or it is closed (1008) and its room goes on."""
+        cdef Py_ssize_t buffered
+        if now < self.out.stall_deadline or self.transport is None:
+            return 0
+        buffered = self.transport.get_write_buffer_size()
+        if buffered >= self.out.stall_mark:
+            return self.slow_client(b"reader stalled")
+        self.out.stall_mark = buffered
+        self.out.stall_deadline = now + self.hub.slow_client_timeout
+        return 0
 
     cdef int close_transport(self) except -1:
         if self.transport is not None:

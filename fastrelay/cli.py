@@ -1,5 +1,8 @@
 """The `fastrelay` command: load config, set up logging, run the relay.
 
+`fastrelay token --room /lobby --ttl 1h [--read-only]` instead prints a
+token signed with the configured secret, for trying access control out.
+
 Exit codes:
   0    clean shutdown after SIGINT/SIGTERM
   2    user error: bad command line, bad config, log file or port unusable
@@ -21,11 +24,21 @@ from collections.abc import Sequence
 
 import uvloop
 
+from . import auth
 from ._version import __version__
-from .config import Config, ConfigError, load_config, resolve_config_path, worker_count
+from .config import (
+    Config,
+    ConfigError,
+    api_key,
+    load_config,
+    resolve_config_path,
+    worker_count,
+)
 from .control import ControlChannel
+from .keys import SecretError
 from .logs import LogSink, setup_logging
 from .metrics import start_metrics_server, url_host
+from .publish_api import PublishApi
 from .server import Relay
 from .tls import TLSFileError
 
@@ -56,7 +69,55 @@ def _parser() -> argparse.ArgumentParser:
         help="YAML configuration file (default: ./config.yaml if present)",
     )
     parser.add_argument("--version", action="version", version=f"fastrelay {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    token = commands.add_parser(
+        "token",
+        help="print a token signed with auth.secret (for trying access control out)",
+        description="Print a JWT for the relay, signed with the configured HMAC secret "
+        "(auth.secret, auth.secret_file or auth.secret_env) and carrying auth.audience and "
+        "auth.issuer when they are set.",
+    )
+    token.add_argument(
+        "--room",
+        action="append",
+        required=True,
+        metavar="ROOM",
+        help="a room the token may join: /lobby, /team/* (every room below /team/) or *; "
+        "repeat for several",
+    )
+    token.add_argument(
+        "--ttl",
+        type=_duration,
+        default=3600.0,
+        metavar="DURATION",
+        help="how long the token is valid: 90, 90s, 15m, 1h or 7d (default 1h)",
+    )
+    token.add_argument(
+        "--read-only", action="store_true", help="the bearer may listen but not send"
+    )
+    token.add_argument("--sub", metavar="NAME", help="the subject claim (who holds the token)")
+    token.add_argument(
+        "--config-file",
+        metavar="PATH",
+        # SUPPRESS: given before the command, it is not overwritten by a default here.
+        default=argparse.SUPPRESS,
+        help="YAML configuration file (default: ./config.yaml if present)",
+    )
     return parser
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str) -> float:
+    number, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS else (text, "s")
+    try:
+        seconds = float(number) * _UNITS[unit]
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0 or seconds == float("inf"):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a duration like 90, 15m, 1h or 7d")
+    return seconds
 
 
 def _error(message: str) -> int:
@@ -70,6 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.config_file)
     except ConfigError as e:
         return _error(str(e))
+    if args.command == "token":
+        return _print_token(cfg, args)
     try:
         sink = setup_logging(cfg.logging.output, cfg.logging.level)
     except OSError as e:
@@ -83,6 +146,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     finally:
         sink.close()
+
+
+def _print_token(cfg: Config, args: argparse.Namespace) -> int:
+    try:
+        secret = auth.signing_secret(cfg.auth)
+    except SecretError as e:
+        return _error(f"auth.{e.option}: {e.problem}")
+    token = auth.mint(
+        secret,
+        cfg.auth.algorithms[0],
+        args.room,
+        args.ttl,
+        read_only=args.read_only,
+        subject=args.sub,
+        audience=cfg.auth.audience,
+        issuer=cfg.auth.issuer,
+    )
+    if not cfg.auth.enabled:
+        print(
+            "fastrelay: note: auth.enabled is false in this config: the relay does not ask "
+            "for tokens",
+            file=sys.stderr,
+        )
+    print(token, flush=True)
+    return EXIT_OK
 
 
 def _run(cfg: Config, sink: LogSink, config_path: str | None) -> int:
@@ -152,7 +240,17 @@ async def serve(
             __version__,
             config_path or "built-in defaults",
         )
-    relay = Relay(cfg, log, reuse_port=control is not None)
+    # Keys were checked at load time; a file or variable may have changed since.
+    try:
+        relay = Relay(cfg, log, reuse_port=control is not None)
+    except SecretError as e:
+        raise StartupError(f"auth.{e.option}: {e.problem}") from None
+    api = None
+    if cfg.api.enabled and control is None:
+        try:
+            api = PublishApi(api_key(cfg.api), relay, cfg.relay.max_message_size)
+        except SecretError as e:
+            raise StartupError(f"api.{e.option}: {e.problem}") from None
     try:
         await relay.start()
     except TLSFileError as e:
@@ -177,6 +275,7 @@ async def serve(
                 cfg.metrics.port,
                 relay.snapshot,
                 lambda: relay.accepting,
+                api=api,
             )
         except OSError as e:
             # Nobody was told the relay URL yet; close it before exiting.
@@ -188,6 +287,10 @@ async def serve(
         lines = [f"fastrelay listening on {scheme}://{url_host(cfg.server.host)}:{relay.port}/"]
         if metrics is not None:
             lines.append(f"metrics on {metrics.url}")
+            if api is not None:
+                lines.append(
+                    f"publish API on {metrics.url.removesuffix('/metrics')}/publish/<room>"
+                )
         for line in lines:
             print(line, flush=True)
             log.info("%s", line)

@@ -21,6 +21,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from .auth import ALGORITHMS, verification_key
+from .keys import SecretError, SecretSource, read_secret
 from .tls import TLSFileError, server_context
 
 if TYPE_CHECKING:
@@ -69,7 +71,8 @@ class OptionMeta:
     min/max are inclusive bounds, `above` an exclusive lower bound. `path`
     marks file names that are resolved against the config file's directory.
     `lower` normalises strings (and list items) to lower case; `item_check`
-    then says why one is wrong, or returns None.
+    then says why one is wrong, or returns None. `secret` keeps the value
+    out of error messages (they end up in logs and terminals).
     """
 
     help: str
@@ -83,6 +86,7 @@ class OptionMeta:
     item_check: Callable[[str], str | None] | None = None
     # How a value is quoted in error messages (hides a password in a URL).
     shown: Callable[[str], str] = str
+    secret: bool = False  # never quote the value in an error message
 
     def allowed(self) -> str:
         """The allowed values in words ('' when any value of the type is)."""
@@ -172,6 +176,12 @@ def _check_origin(value: str) -> str | None:
         # silently match nothing.
         return "an origin has no path, query or trailing '/'"
     return None
+
+
+def _check_algorithm(value: str) -> str | None:
+    if value in ALGORITHMS:
+        return None
+    return f"not an algorithm fastrelay verifies (one of: {', '.join(ALGORITHMS)})"
 
 
 @dataclass(frozen=True)
@@ -311,11 +321,15 @@ class LimitsConfig:
         ),
     )
     slow_client_policy: str = _option(
-        "disconnect",
+        "backpressure",
         OptionMeta(
-            "`disconnect`: close the slow client; `drop`: skip messages for it until its "
-            "backlog drains. Both are counted in the metrics.",
-            choices=("disconnect", "drop"),
+            "`backpressure`: when a member's backlog passes a quarter of `max_backlog`, "
+            "the room's senders are read no faster than it reads (nothing is lost); a "
+            "member that makes no progress for `timeouts.slow_client` seconds or reaches "
+            "`max_backlog` is closed with 1008. `disconnect`: no slowing down, close at "
+            "`max_backlog`. `drop`: no slowing down, skip messages for it until its backlog "
+            "drains. All are counted in the metrics.",
+            choices=("backpressure", "disconnect", "drop"),
         ),
     )
     max_messages_per_second: int = _option(
@@ -348,6 +362,14 @@ class TimeoutsConfig:
         5.0,
         OptionMeta(
             "Seconds to wait for the peer's close frame before dropping the connection.",
+            above=0,
+        ),
+    )
+    slow_client: float = _option(
+        5.0,
+        OptionMeta(
+            "Seconds a member may hold its room back (slow_client_policy `backpressure`) "
+            "without reading anything before it is closed with 1008.",
             above=0,
         ),
     )
@@ -411,6 +433,103 @@ class BackplaneConfig:
 
 
 @dataclass(frozen=True)
+class AuthConfig:
+    enabled: bool = _option(
+        False,
+        OptionMeta(
+            "Every upgrade needs a signed token (JWT) allowing its room: `?token=` or "
+            "`Authorization: Bearer`. Without a valid one 401, for another room 403."
+        ),
+    )
+    algorithms: tuple[str, ...] = _option(
+        ("HS256",),
+        OptionMeta(
+            "Signature algorithms accepted, all verified with the one key below: HS256/384/512 "
+            "with `secret`; RS*, PS*, ES256/384/512 or EdDSA with `public_key_file`. Never "
+            "taken from the token.",
+            item_check=_check_algorithm,
+        ),
+    )
+    secret: str = _option(
+        "",
+        OptionMeta(
+            "HMAC secret, at least as many bytes as the hash (32 for HS256). Set one of "
+            "`secret`, `secret_file`, `secret_env`.",
+            secret=True,
+        ),
+    )
+    secret_file: str = _option(
+        "",
+        OptionMeta(
+            "File holding the HMAC secret (one trailing newline is ignored). A relative path "
+            "is relative to the config file's directory.",
+            path=True,
+        ),
+    )
+    secret_env: str = _option(
+        "", OptionMeta("Name of the environment variable holding the HMAC secret.")
+    )
+    public_key_file: str = _option(
+        "",
+        OptionMeta(
+            "PEM public key (`BEGIN PUBLIC KEY`) for the RS, PS, ES and EdDSA algorithms. A "
+            "relative path is relative to the config file's directory.",
+            path=True,
+        ),
+    )
+    audience: str = _option(
+        "",
+        OptionMeta(
+            "When set, tokens must carry this `aud`; when empty, a token carrying an `aud` is "
+            "refused (RFC 7519 §4.1.3)."
+        ),
+    )
+    issuer: str = _option("", OptionMeta("When set, tokens must carry this `iss`."))
+    leeway: float = _option(
+        0.0,
+        OptionMeta(
+            "Seconds of clock skew allowed on `exp` and `nbf` between the token's issuer and "
+            "this host.",
+            min=0,
+            max=300,
+        ),
+    )
+    enforce_expiry: bool = _option(
+        False,
+        OptionMeta(
+            "Close a connection with 1008 'token expired' when its token expires (else the "
+            "token is only checked on the upgrade)."
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    enabled: bool = _option(
+        False,
+        OptionMeta(
+            "Serve the publish API on the metrics listener: `POST /publish/<room>`, "
+            "`GET /rooms`, `GET /rooms/<room>`, with `Authorization: Bearer <key>`."
+        ),
+    )
+    key: str = _option(
+        "",
+        OptionMeta(
+            "API key, at least 16 bytes. Set one of `key`, `key_file`, `key_env`.", secret=True
+        ),
+    )
+    key_file: str = _option(
+        "",
+        OptionMeta(
+            "File holding the API key (one trailing newline is ignored). A relative path is "
+            "relative to the config file's directory.",
+            path=True,
+        ),
+    )
+    key_env: str = _option("", OptionMeta("Name of the environment variable holding the API key."))
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -418,6 +537,8 @@ class Config:
     relay: RelayConfig = field(default_factory=RelayConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
     backplane: BackplaneConfig = field(default_factory=BackplaneConfig)
 
 
@@ -672,7 +793,10 @@ class _Loader:
                         option.key, f"item {i + 1}: expected a string, got {_describe(item)}"
                     )
             return tuple(value)
-        raise self.error(option.key, f"expected {_article(kind)}, got {_describe(value)}")
+        got = _describe(value)
+        if option.meta.secret:
+            got = got.split(" ", 1)[0]  # the type, not the value
+        raise self.error(option.key, f"expected {_article(kind)}, got {got}")
 
     def check_range(self, option: Option, value: float) -> None:
         meta = option.meta
@@ -707,7 +831,7 @@ class _Loader:
     def resolve_path(self, value: str) -> str:
         # Relative to the config file, so a service started from another
         # working directory still finds its files.
-        if value in STREAM_OUTPUTS or not value:  # '' = not set
+        if value in STREAM_OUTPUTS or not value:  # "": an optional file left unset
             return value
         return os.path.join(self.base_dir, os.path.expanduser(value))
 
@@ -727,6 +851,25 @@ class _Loader:
                 server_context(cfg.server.tls)
             except TLSFileError as e:
                 raise self.error(f"server.tls.{e.option}", e.problem) from None
+        if cfg.auth.enabled:
+            if not cfg.auth.algorithms:
+                raise self.error("auth.algorithms", "list at least one algorithm")
+            # Read now, and again by the server: a missing file or variable,
+            # or a key of the wrong kind, is reported before listening.
+            try:
+                verification_key(cfg.auth)
+            except SecretError as e:
+                raise self.error(f"auth.{e.option}", e.problem) from None
+        if cfg.api.enabled:
+            if not cfg.metrics.enabled:
+                raise self.error(
+                    "api.enabled",
+                    "the publish API is served on the metrics listener: set metrics.enabled: true",
+                )
+            try:
+                api_key(cfg.api)
+            except SecretError as e:
+                raise self.error(f"api.{e.option}", e.problem) from None
 
     def check_backplane(self, cfg: Config) -> None:
         backplane = cfg.backplane
@@ -736,6 +879,12 @@ class _Loader:
                 "server.workers",
                 f"{workers} workers without backplane.url: rooms would be split across "
                 "workers (members on different workers would not see each other's messages)",
+            )
+        if workers > 1 and cfg.api.enabled:
+            raise self.error(
+                "api.enabled",
+                f"the publish API is not served with {workers} workers yet (it runs in one "
+                "relay process); use server.workers: 1",
             )
         if not backplane.url:
             return
@@ -760,6 +909,15 @@ class _Loader:
                 raise self.error(
                     "backplane.ca_file", f"cannot read '{backplane.ca_file}': {e.strerror or e}"
                 ) from None
+
+
+# Guessing a random key of this length is hopeless; shorter ones are refused.
+API_KEY_MIN_BYTES = 16
+
+
+def api_key(api: ApiConfig) -> bytes:
+    """The publish API's key from its one configured source (SecretError if none)."""
+    return read_secret(SecretSource("key", api.key, api.key_file, api.key_env), API_KEY_MIN_BYTES)
 
 
 _WILDCARDS = ("0.0.0.0", "::", "")

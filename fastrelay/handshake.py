@@ -51,7 +51,9 @@ _ZERO_LENGTH = re.compile(r"[ \t]*0+[ \t]*")
 # reason key (a metrics label) -> (status, phrase)
 _STATUS = {
     "bad_request": (400, "Bad Request"),
+    "unauthorized": (401, "Unauthorized"),
     "forbidden_origin": (403, "Forbidden"),
+    "forbidden_room": (403, "Forbidden"),
     "method_not_allowed": (405, "Method Not Allowed"),
     "upgrade_required": (426, "Upgrade Required"),
     "headers_too_large": (431, "Request Header Fields Too Large"),
@@ -84,6 +86,10 @@ class Accept:
     response: bytes
     consumed: int  # bytes of the request head; what follows is frames
     deflate: bool = False  # permessage-deflate negotiated
+    # What the access checks read: the query string (without "?") and the
+    # values of the Authorization header fields, as received.
+    query: str = ""
+    authorization: tuple[str, ...] = ()
     # Set by the gate's access checks, not by the parser:
     read_only: bool = False  # may join but not send (closed with 1008 if it does)
     expires_at: float = 0.0  # event-loop time (loop.time()) of a 1008 close; 0: never
@@ -230,9 +236,10 @@ def _decide(head: str, consumed: int, limits: Limits) -> Accept | Refuse | Plain
     if version != "HTTP/1.1":
         # RFC 6455 §4.1: HTTP/1.1 or later.
         return refuse("bad_request", "HTTP/1.1 required")
-    path = _target_path(target)
-    if path is None:
+    split = _split_target(target)
+    if split is None:
         return refuse("bad_request", "request target must be a path or an http(s)/ws(s) URI")
+    path, query = split
     try:
         # Raw bytes above 0x7F (sent unencoded by some clients) and %XX
         # escapes both decode to the same UTF-8 room name.
@@ -283,7 +290,14 @@ def _decide(head: str, consumed: int, limits: Limits) -> Accept | Refuse | Plain
         + (f"Sec-WebSocket-Extensions: {DEFLATE_RESPONSE}\r\n" if deflate else "")
         + "\r\n"
     ).encode("ascii")
-    return Accept(room, response, consumed, deflate)
+    return Accept(
+        room,
+        response,
+        consumed,
+        deflate,
+        query=query,
+        authorization=tuple(headers.get("authorization", ())),
+    )
 
 
 # RFC 7692 §7.1.1: without context takeover on either side every message is
@@ -329,17 +343,18 @@ def _is_token(text: str) -> bool:
     return bool(text) and all(ord(c) in _TOKEN_CHARS for c in text)
 
 
-def _target_path(target: str) -> str | None:
-    """The path of an origin-form or absolute-form target (RFC 9112 §3.2.1,
-    §3.2.2), query removed; None for the asterisk- and authority-forms, which
-    a GET may not use, and for URIs of other schemes or without a host."""
-    if target.startswith("/"):
-        return target.split("?", 1)[0]
-    absolute = _ABSOLUTE_FORM.fullmatch(target)
-    if absolute is None or not _AUTHORITY.fullmatch(absolute[1]):
-        return None
+def _split_target(target: str) -> tuple[str, str] | None:
+    """The path and the query of an origin-form or absolute-form target
+    (RFC 9112 §3.2.1, §3.2.2); None for the asterisk- and authority-forms,
+    which a GET may not use, and for URIs of other schemes or without a host."""
+    if not target.startswith("/"):
+        absolute = _ABSOLUTE_FORM.fullmatch(target)
+        if absolute is None or not _AUTHORITY.fullmatch(absolute[1]):
+            return None
+        target = absolute[2]
+    path, _, query = target.partition("?")
     # An empty path is the root (RFC 9110 §4.2.3).
-    return absolute[2].split("?", 1)[0] or "/"
+    return path or "/", query
 
 
 def _announces_body(headers: dict[str, list[str]]) -> bool:

@@ -1,11 +1,14 @@
-"""Prometheus metrics and health checks on their own HTTP port.
+"""Prometheus metrics and health checks on their own HTTP port, the private
+listener that also carries the publish API (publish_api.py) when enabled.
 
 The relay keeps plain integer counters; this module reads them only when
 scraped, through a custom collector over a `snapshot()` callable, so counting
 costs the hot path nothing (prometheus_client's Counter.inc() takes a lock).
 
-The HTTP side is deliberately tiny: one request per connection, GET/HEAD
-only, a bounded request head and a deadline, then the connection closes.
+The HTTP side is deliberately tiny: one request per connection, a bounded
+request head and a deadline, then the connection closes. Its own paths are
+GET/HEAD only; the paths of an `ApiHandler` get the request (and may read a
+body) themselves.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -249,9 +252,13 @@ def url_host(host: str) -> str:
 _REASONS = {
     200: "OK",
     400: "Bad Request",
+    401: "Unauthorized",
     404: "Not Found",
     405: "Method Not Allowed",
     408: "Request Timeout",
+    411: "Length Required",
+    413: "Content Too Large",
+    415: "Unsupported Media Type",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     503: "Service Unavailable",
@@ -262,6 +269,35 @@ class Response(NamedTuple):
     status: int
     body: bytes = b""
     content_type: str = "text/plain; charset=utf-8"
+    headers: tuple[tuple[str, str], ...] = ()  # e.g. Allow, WWW-Authenticate
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str  # as received, percent-encoded, without the query
+    query: str
+    headers: Mapping[str, tuple[str, ...]]  # lower-case names
+
+    def header(self, name: str) -> str | None:
+        """The value of a header sent once; None when absent or repeated."""
+        values = self.headers.get(name, ())
+        return values[0] if len(values) == 1 else None
+
+
+# Reads exactly n bytes of the request body (bounded by the request timeout).
+BodyReader = Callable[[int], Awaitable[bytes]]
+
+
+class ApiHandler(Protocol):
+    """Paths served by someone else on this listener (the publish API)."""
+
+    def handles(self, path: str) -> bool: ...
+
+    async def respond(self, request: Request, read_body: BodyReader) -> Response: ...
+
+
+_ALLOW_OWN = (("Allow", "GET, HEAD"),)
 
 
 class MetricsServer:
@@ -274,9 +310,11 @@ class MetricsServer:
         ready: Callable[[], bool],
         request_timeout: float,
         max_request_head: int,
+        api: ApiHandler | None = None,
         refresh: Refresh | None = None,
     ) -> None:
         self.host = host
+        self._api = api
         self._refresh = refresh
         self._registry = build_registry(snapshot)
         self._ready = ready
@@ -313,7 +351,7 @@ class MetricsServer:
         assert task is not None
         self._handlers.add(task)
         try:
-            response, head_only = await self._read_and_route(reader)
+            response, head_only = await self._read_and_route(reader, writer)
             writer.write(_serialize(response, head_only))
             await writer.drain()
         except (ConnectionError, asyncio.CancelledError):
@@ -322,7 +360,9 @@ class MetricsServer:
             self._handlers.discard(task)
             writer.close()
 
-    async def _read_and_route(self, reader: asyncio.StreamReader) -> tuple[Response, bool]:
+    async def _read_and_route(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> tuple[Response, bool]:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self._request_timeout)
         except asyncio.TimeoutError:
@@ -333,17 +373,30 @@ class MetricsServer:
             if not e.partial:
                 raise ConnectionResetError from None  # connected and left
             return Response(400, b"incomplete request\n"), False
-        request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
-        parts = request_line.split(" ")
-        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        request = _parse_head(head)
+        if request is None:
             return Response(400, b"bad request\n"), False
-        method, target, _ = parts
-        if method not in ("GET", "HEAD"):
-            return Response(405, b"method not allowed\n"), False
-        path = target.split("?", 1)[0]
-        if path == "/metrics" and self._refresh is not None:
+        head_only = request.method == "HEAD"
+        if self._api is not None and self._api.handles(request.path):
+
+            async def read_body(n: int) -> bytes:
+                if (request.header("expect") or "").lower() == "100-continue":
+                    # The client waits for this before sending the body (RFC 9110 §10.1.1).
+                    writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    await writer.drain()
+                return await asyncio.wait_for(reader.readexactly(n), self._request_timeout)
+
+            try:
+                return await self._api.respond(request, read_body), head_only
+            except asyncio.TimeoutError:
+                return Response(408, b"request timeout\n"), False
+            except asyncio.IncompleteReadError:
+                raise ConnectionResetError from None  # left before the whole body
+        if request.method not in ("GET", "HEAD"):
+            return Response(405, b"method not allowed\n", headers=_ALLOW_OWN), False
+        if request.path == "/metrics" and self._refresh is not None:
             await self._refresh()
-        return self._route(path), method == "HEAD"
+        return self._route(request.path), head_only
 
     def _route(self, path: str) -> Response:
         if path == "/metrics":
@@ -361,6 +414,26 @@ class MetricsServer:
         return Response(404, b"not found\n")
 
 
+def _parse_head(head: bytes) -> Request | None:
+    """The request line and header fields; None when the request line is
+    malformed. Field lines without a name and a colon are skipped: nothing
+    here forwards the request, so there is no other reader to disagree with."""
+    request_line, *lines = head[:-4].decode("latin-1").split("\r\n")
+    parts = request_line.split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        return None
+    method, target, _ = parts
+    headers: dict[str, tuple[str, ...]] = {}
+    for line in lines:
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip():
+            continue
+        key = name.lower()
+        headers[key] = (*headers.get(key, ()), value.strip(" \t"))
+    path, _, query = target.partition("?")
+    return Request(method, path, query, headers)
+
+
 def _serialize(response: Response, head_only: bool) -> bytes:
     headers = [
         f"HTTP/1.1 {response.status} {_REASONS[response.status]}",
@@ -369,8 +442,7 @@ def _serialize(response: Response, head_only: bool) -> bytes:
         "Cache-Control: no-store",
         "Connection: close",
     ]
-    if response.status == 405:
-        headers.append("Allow: GET, HEAD")
+    headers += [f"{name}: {value}" for name, value in response.headers]
     head = ("\r\n".join(headers) + "\r\n\r\n").encode("latin-1")
     return head if head_only else head + response.body
 
@@ -383,15 +455,17 @@ async def start_metrics_server(
     *,
     request_timeout: float = 10.0,
     max_request_head: int = 8192,
+    api: ApiHandler | None = None,
     refresh: Refresh | None = None,
 ) -> MetricsServer:
-    """Listen on host:port (0 = a free port) and serve /metrics, /healthz, /readyz.
+    """Listen on host:port (0 = a free port) and serve /metrics, /healthz, /readyz,
+    and the paths `api` handles.
 
     `snapshot()` is called on each scrape of /metrics; `ready()` on each
     request to /readyz (200 while true, 503 otherwise). `refresh()`, when
     given, is awaited before each scrape (the supervisor gathers its
     workers' counters). Raises OSError when the address cannot be bound.
     """
-    server = MetricsServer(host, snapshot, ready, request_timeout, max_request_head, refresh)
+    server = MetricsServer(host, snapshot, ready, request_timeout, max_request_head, api, refresh)
     await server._start(port)
     return server

@@ -21,6 +21,7 @@ from typing import Any
 
 from . import handshake
 from ._frames import CloseCode, Connection, Hub
+from .auth import Verifier
 from .backplane import RedisBackplane
 from .config import Config
 from .tls import server_context
@@ -40,6 +41,8 @@ class Relay:
     """A listening relay: start(), snapshot() for metrics, shutdown()."""
 
     def __init__(self, cfg: Config, log: logging.Logger, *, reuse_port: bool = False) -> None:
+        """Raises keys.SecretError when access control is on and its key
+        cannot be read (the config loader checked it; files can change)."""
         self.cfg = cfg
         # A worker shares its port with the others (SO_REUSEPORT).
         self.reuse_port = reuse_port
@@ -54,6 +57,7 @@ class Relay:
                 ),
                 max_connections=cfg.limits.max_connections,
                 demo_page=_demo_page() if cfg.relay.serve_demo else None,
+                verifier=Verifier.from_config(cfg.auth) if cfg.auth.enabled else None,
             ),
             log,
         )
@@ -87,6 +91,7 @@ class Relay:
             close_timeout=timeouts.close,
             ping_interval=timeouts.ping_interval,
             ping_timeout=timeouts.ping_timeout,
+            slow_client_timeout=timeouts.slow_client,
         )
         if self.log.isEnabledFor(logging.DEBUG):
             hub.close_log = self._log_close
@@ -108,7 +113,9 @@ class Relay:
             # that cannot listen has nothing to stop): local rooms work
             # whether or not Redis is there yet.
             self.backplane.start()
-        shortest = min(timeouts.handshake, timeouts.close, timeouts.ping_timeout)
+        shortest = min(
+            timeouts.handshake, timeouts.close, timeouts.ping_timeout, timeouts.slow_client
+        )
         self._sweep_interval = min(shortest / SWEEPS_PER_TIMEOUT, SWEEP_MAX_INTERVAL)
         self._sweeper = loop.call_later(self._sweep_interval, self._sweep)
 
@@ -126,6 +133,21 @@ class Relay:
         self.log.debug(
             "closing %s: %d %s (%s)", conn.peer, code, reason, "by peer" if by_peer else "by server"
         )
+
+    # -- the publish API's view of the rooms (publish_api.Rooms) --
+
+    def publish(self, room: str, text: bool, payload: bytes) -> int:
+        """Deliver a message from outside to the room's members here;
+        returns how many got it. ValueError above relay.max_message_size."""
+        return self.hub.publish(room, text, payload) if self.hub is not None else 0
+
+    def room_sizes(self) -> dict[str, int]:
+        rooms = self.hub.rooms if self.hub is not None else {}
+        return {name: len(room) for name, room in rooms.items()}
+
+    def members(self, room: str) -> int:
+        found = self.hub.rooms.get(room) if self.hub is not None else None
+        return len(found) if found is not None else 0
 
     def snapshot(self) -> dict[str, Any]:
         values = self.hub.counters() if self.hub is not None else {}

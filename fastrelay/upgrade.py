@@ -8,16 +8,20 @@ A connection still in its handshake hands the request bytes read so far to
 - `handshake.Refuse`: send its response (an HTTP error, or the demo page
   with status 200) and close.
 
-Nothing here calls back into the connection. A further check (a token, say)
-is one more step of `decide` returning a `Refuse`.
+Nothing here calls back into the connection. Access control is one more
+step of `decide`: with a verifier, the token decides between a `Refuse`
+(401, 403) and an `Accept` carrying what the token grants (read-only, the
+time it ends).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
 from dataclasses import dataclass
 
-from . import handshake
+from . import auth, handshake
 from ._frames import Connection
 
 Decision = handshake.Incomplete | handshake.Accept | handshake.Refuse
@@ -28,6 +32,7 @@ class GateSettings:
     limits: handshake.Limits
     max_connections: int  # 0: unlimited
     demo_page: bytes | None  # served on a plain GET when set
+    verifier: auth.Verifier | None = None  # set: every upgrade needs a token
 
 
 class Gate:
@@ -48,13 +53,8 @@ class Gate:
         if isinstance(result, handshake.Incomplete):
             return result
         if isinstance(result, handshake.Accept):
-            if not self.accepting:
-                result = handshake.refuse("too_many_connections", "shutting down")
-            elif settings.max_connections and conn.hub.connected >= settings.max_connections:
-                result = handshake.refuse("too_many_connections", "connection limit reached")
-            else:
-                if self.log.isEnabledFor(logging.DEBUG):
-                    self.log.debug("connection %s joined room %s", conn.peer, result.room)
+            result = self._admit(result, conn)
+            if isinstance(result, handshake.Accept):
                 return result
         if isinstance(result, handshake.PlainGet):
             if settings.demo_page is not None:
@@ -75,3 +75,42 @@ class Gate:
                 "handshake from %s refused: %d %s", conn.peer, result.status, result.detail
             )
         return result
+
+    def _admit(
+        self, accept: handshake.Accept, conn: Connection
+    ) -> handshake.Accept | handshake.Refuse:
+        """A well-formed upgrade request: is there room, and is it allowed?"""
+        settings = self.settings
+        if not self.accepting:
+            return handshake.refuse("too_many_connections", "shutting down")
+        if settings.max_connections and conn.hub.connected >= settings.max_connections:
+            return handshake.refuse("too_many_connections", "connection limit reached")
+        if settings.verifier is not None:
+            return self._check_token(settings.verifier, accept, conn)
+        if self.log.isEnabledFor(logging.DEBUG):
+            self.log.debug("connection %s joined room %s", conn.peer, accept.room)
+        return accept
+
+    def _check_token(
+        self, verifier: auth.Verifier, accept: handshake.Accept, conn: Connection
+    ) -> handshake.Accept | handshake.Refuse:
+        token = auth.find_token(accept.query, accept.authorization)
+        outcome = verifier.check(token, accept.room)
+        if isinstance(outcome, auth.Denial):
+            return handshake.refuse(
+                outcome.reason, outcome.detail, (("WWW-Authenticate", outcome.challenge()),)
+            )
+        expires_at = 0.0
+        if verifier.enforce_expiry:
+            # The hub's clock is the event loop's; the token's is Unix time.
+            expires_at = conn.hub.now + (outcome.expires - time.time())
+        if self.log.isEnabledFor(logging.DEBUG):
+            # The subject names who joined; the token itself is never logged.
+            self.log.debug(
+                "connection %s joined room %s (sub %r%s)",
+                conn.peer,
+                accept.room,
+                outcome.subject,
+                ", read-only" if outcome.read_only else "",
+            )
+        return dataclasses.replace(accept, read_only=outcome.read_only, expires_at=expires_at)

@@ -335,14 +335,15 @@ class RedisBackplane:
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
             if message is None or message["type"] != "message":
                 continue
+            data = message["data"]
+            if data[1 : 1 + ORIGIN_SIZE] == self.origin:
+                continue  # ours, back from Redis: local members have it
             try:
-                origin, messages = decode_packet(message["data"])
+                _, messages = decode_packet(data)
                 room = message["channel"][prefix_len:].decode("utf-8")
             except (PacketError, UnicodeDecodeError) as e:
                 self.foreign_message(message["channel"], e)
                 continue
-            if origin == self.origin:
-                continue  # ours, back from Redis: local members have it
             before = hub.messages
             for opcode, payload in messages:
                 hub.deliver(room, opcode, payload)

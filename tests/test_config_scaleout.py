@@ -117,3 +117,12 @@ def test_process_bad_url_exits_2_without_the_password(tmp_path):
     result = fastrelay_process("--config-file", "bad.yaml", cwd=tmp_path)
     assert_one_error_line(result, "backplane.url: 'redis://:***@h:notaport': the port")
     assert "hunter2" not in result.stderr
+
+
+def test_the_publish_api_with_workers_is_refused(tmp_path):
+    message = error_of(
+        tmp_path,
+        "server: {workers: 2}\nbackplane: {url: 'redis://h'}\n"
+        "metrics: {enabled: true}\napi: {enabled: true, key: 0123456789abcdef0123}\n",
+    )
+    assert "api.enabled: the publish API is not served with 2 workers yet" in message

@@ -1,10 +1,16 @@
-"""Which fastrelay code a run measured: the commit, the git tree of
-fastrelay/, and files of it that differ from the commit. Taken at the start
-and at the end of a run, so a run that spans a change of the code under test
-says so."""
+"""Which fastrelay code a run measures.
+
+The working tree may change while a benchmark runs (a long run spans other
+people's commits and rebuilds). So the harness copies the fastrelay package,
+compiled module included, once at the start and runs every fastrelay server
+of the run from that copy: all its fastrelay figures come from one version
+of the code, recorded here as the commit plus any uncommitted changes.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 from dataclasses import dataclass
 
@@ -17,6 +23,17 @@ class CodeState:
     fastrelay_tree: str | None  # git tree id of fastrelay/ at HEAD
     fastrelay_changes: list[str]  # uncommitted changes under fastrelay/ (porcelain lines)
 
+    def describe(self) -> str:
+        """One line for RESULTS.md."""
+        if self.commit is None:
+            return "code: not a git checkout"
+        line = "code: fastrelay/ as at commit %s" % self.commit[:12]
+        if self.fastrelay_changes:
+            line += " plus uncommitted changes to %s" % ", ".join(
+                c[3:] for c in self.fastrelay_changes
+            )
+        return line + ", copied at the start of the run"
+
 
 def _git(*args: str) -> str | None:
     try:
@@ -25,7 +42,8 @@ def _git(*args: str) -> str | None:
         )
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return done.stdout.strip() if done.returncode == 0 else None
+    # rstrip only: a porcelain line starts with a space when the index is clean.
+    return done.stdout.rstrip() if done.returncode == 0 else None
 
 
 def code_state() -> CodeState:
@@ -37,28 +55,16 @@ def code_state() -> CodeState:
     )
 
 
-def changed(start: CodeState, end: CodeState | None) -> bool:
-    """True if fastrelay/ differed between the start and the end of a run."""
-    if end is None:
-        return False
-    return (start.fastrelay_tree, start.fastrelay_changes) != (
-        end.fastrelay_tree,
-        end.fastrelay_changes,
+def _build_leftovers(directory: str, names: list[str]) -> list[str]:
+    # Bytecode caches and Cython's generated C are not needed to run.
+    return [n for n in names if n == "__pycache__" or n.endswith(".c")]
+
+
+def freeze_fastrelay(into: str) -> CodeState:
+    """Copy the fastrelay package into `into` (a server started with `into`
+    as its working directory imports the copy) and say what was copied."""
+    state = code_state()
+    shutil.copytree(
+        os.path.join(ROOT, "fastrelay"), os.path.join(into, "fastrelay"), ignore=_build_leftovers
     )
-
-
-def describe(start: CodeState, end: CodeState | None) -> str:
-    """One line for RESULTS.md: the code measured, and any caveat."""
-    if start.commit is None:
-        return "code: not a git checkout"
-    line = "code: commit %s" % start.commit[:12]
-    if start.fastrelay_changes:
-        line += " with uncommitted changes in fastrelay/ (%s)" % ", ".join(
-            c[3:] for c in start.fastrelay_changes
-        )
-    if changed(start, end):
-        line += (
-            "; fastrelay/ CHANGED during the run (commit %s at the end): "
-            "its figures mix code versions" % ((end and end.commit) or "?")[:12]
-        )
-    return line
+    return state

@@ -184,6 +184,5 @@ class RunMeta:
     settings: Settings
     machine: Machine
     workloads: list[Workload]
-    code_start: CodeState
-    code_end: CodeState | None = None  # taken when the last run is done
+    code: CodeState  # the fastrelay code every fastrelay run of this run ran
     elapsed_s: float = 0.0

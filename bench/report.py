@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from .provenance import describe
 from .records import RunMeta, RunResult, Stats, SummaryRow
 from .workloads import Workload
 
@@ -208,7 +207,7 @@ def markdown(meta: RunMeta, summary: list[SummaryRow], runs: list[RunResult]) ->
         "- date: %s" % meta.date,
         "- command: `%s`" % meta.command,
         "- machine: %s" % meta.machine.describe(),
-        "- %s" % describe(meta.code_start, meta.code_end),
+        "- %s" % meta.code.describe(),
         "- libraries: %s" % vers,
         "- %s; %d repetitions, servers interleaved; %.1fs warmup + %.1fs measured per run"
         % (meta.pinning, meta.reps, meta.settings.warmup, meta.settings.duration),

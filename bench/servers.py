@@ -40,6 +40,7 @@ class ServerSpec:
     kind: str  # "fastrelay", "peer" or "command"
     template: str = ""  # peer script or command template
     port_zero: bool = True  # server accepts port 0 and prints the real port
+    cwd: str = ROOT  # fastrelay: the directory holding the copy of the package to run
 
     def argv(self, port: int, tmpdir: str) -> list[str]:
         """The command line for a port; fastrelay's config file goes in tmpdir."""
@@ -74,11 +75,11 @@ BUILTIN = {
 }
 
 
-def fastrelay_available() -> Optional[str]:
-    """None if `python -m fastrelay` can be expected to work, else why not."""
+def fastrelay_available(cwd: str) -> Optional[str]:
+    """None if `python -m fastrelay` run in cwd can be expected to work, else why not."""
     r = subprocess.run(
         [sys.executable, "-c", "import fastrelay.server"],
-        cwd=ROOT,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=60,
@@ -148,7 +149,7 @@ class ServerProcess:
         try:
             self.proc = subprocess.Popen(
                 argv,
-                cwd=ROOT,
+                cwd=self.spec.cwd,
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,

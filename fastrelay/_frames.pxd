@@ -61,6 +61,10 @@ cdef struct Message:
     uint8_t opcode                 # 0: none in progress
     bint compressed                # its first frame had RSV1 (RFC 7692)
     uint32_t utf8_state            # validator state across fragments
+    # A text frame still arriving: payload bytes unmasked and validated so
+    # far, and the validator state after them.
+    size_t checked
+    uint32_t checked_state
     char *data
     size_t len
     size_t cap
@@ -101,6 +105,7 @@ cdef class Room:
     cdef readonly str name
     cdef Registry members
     cdef Py_ssize_t deflate_members    # how many negotiated permessage-deflate
+    cdef Py_ssize_t deflate_windows[16]  # of those, how many per server window (9..15 bits)
     cdef Py_ssize_t congested          # members over the high-water mark; > 0: reading paused
 
     cdef int pause_reading(self) except -1
@@ -173,8 +178,8 @@ cdef class Hub:
     cdef size_t arena_reserve(self, size_t n) except? 0
     cdef size_t encode(self, uint8_t first, const char *payload, size_t n,
                        size_t *length) except? 0
-    cdef size_t encode_compressed(self, uint8_t opcode, const char *payload, size_t n,
-                                  size_t *length) except? 0
+    cdef size_t encode_compressed(self, uint8_t opcode, int window, const char *payload,
+                                  size_t n, size_t *length) except? 0
     cdef int mark_dirty(self, Connection c) except -1
     cdef Py_ssize_t broadcast(self, Room room, Connection sender, uint8_t opcode,
                               const char *payload, size_t n) except -1
@@ -199,6 +204,7 @@ cdef class Connection:
     # Lifecycle.
     cdef readonly State state
     cdef readonly bint deflate         # permessage-deflate negotiated
+    cdef readonly uint8_t deflate_window  # our LZ77 window for it, 9..15 bits (RFC 7692 7.1.2.1)
     cdef readonly bint read_only       # may join but not send (the gate said so)
     cdef readonly double expires_at    # closed with 1008 at this time; 0: never
     cdef readonly int close_code       # what was sent or received, for logs
@@ -219,6 +225,8 @@ cdef class Connection:
     cdef inline bint over_rate(self) noexcept
     cdef int keep_rest(self, char *data, size_t total, size_t used) except -1
     cdef int append_fragment(self, const uint8_t *payload, size_t n) except -1
+    cdef bint check_partial_text(self, uint8_t opcode, bint rsv1, uint32_t mask,
+                                 uint8_t *payload, size_t avail) noexcept
     cdef void release_fragments(self) noexcept
     cdef int on_close_frame(self, const uint8_t *payload, size_t n) except -1
     cdef int fail(self, int code, const char *reason) except -1

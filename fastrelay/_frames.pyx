@@ -117,6 +117,8 @@ cdef class Room:
     cdef int add(self, Connection c) except -1:
         c.room_index = registry_push(&self.members, c)
         self.deflate_members += c.deflate
+        if c.deflate:
+            self.deflate_windows[c.deflate_window] += 1
         return 0
 
     cdef int pause_reading(self) except -1:
@@ -143,6 +145,8 @@ cdef class Room:
             (<Connection>moved).room_index = i
         c.room_index = -1
         self.deflate_members -= c.deflate
+        if c.deflate:
+            self.deflate_windows[c.deflate_window] -= 1
         Py_DECREF(c)
 
 
@@ -335,12 +339,13 @@ cdef class Hub:
         length[0] = hlen + n
         return offset
 
-    cdef size_t encode_compressed(self, uint8_t opcode, const char *payload, size_t n,
-                                  size_t *length) except? 0:
+    cdef size_t encode_compressed(self, uint8_t opcode, int window, const char *payload,
+                                  size_t n, size_t *length) except? 0:
         """RFC 7692 section 7.2.1 without context takeover: deflate the
-        message on its own, drop the 00 00 ff ff tail, set RSV1. Sets
-        *length to 0 when compression does not make it smaller."""
-        deflater = zlib.compressobj(COMPRESS_LEVEL, zlib.DEFLATED, -15)
+        message on its own with a `window`-bit LZ77 window, drop the 00 00
+        ff ff tail, set RSV1. Sets *length to 0 when compression does not
+        make it smaller."""
+        deflater = zlib.compressobj(COMPRESS_LEVEL, zlib.DEFLATED, -window)
         data = deflater.compress(PyBytes_FromStringAndSize(payload, n))
         data += deflater.flush(zlib.Z_SYNC_FLUSH)
         cdef size_t zn = len(data) - 4
@@ -366,11 +371,20 @@ cdef class Hub:
         cdef Connection m
         cdef Py_ssize_t i
         cdef size_t delivered = 0
-        cdef size_t length, zlength = 0
+        cdef size_t length
         cdef size_t offset = self.encode(0x80 | opcode, payload, n, &length)
-        cdef size_t zoffset = 0
-        if room.deflate_members and n >= COMPRESS_MIN:
-            zoffset = self.encode_compressed(opcode, payload, n, &zlength)
+        # Compressed once per server window present in the room (0: that
+        # window's members get the plain frame).
+        cdef size_t zoffset[16]
+        cdef size_t zlength[16]
+        cdef bint compressed = room.deflate_members and n >= COMPRESS_MIN
+        cdef int window
+        if compressed:
+            for window in range(9, 16):
+                zlength[window] = 0
+                if room.deflate_windows[window]:
+                    zoffset[window] = self.encode_compressed(opcode, window, payload, n,
+                                                             &zlength[window])
         self.messages += 1
         if self.backplane is not None and sender is not None:
             # One copy per message (not per member), published once per turn.
@@ -384,8 +398,8 @@ cdef class Hub:
             if self.drop_slow and m.out.backlog > self.max_backlog and m.refresh_backlog():
                 self.slow_drops += 1
                 continue
-            if zlength and m.deflate:
-                m.append_slice(zoffset, zlength)
+            if compressed and m.deflate and zlength[m.deflate_window]:
+                m.append_slice(zoffset[m.deflate_window], zlength[m.deflate_window])
             else:
                 m.append_slice(offset, length)
             delivered += 1
@@ -704,6 +718,7 @@ cdef class Connection:
         self.state = OPEN
         self.deadline = 0
         self.deflate = accept.deflate
+        self.deflate_window = accept.deflate_window
         self.read_only = accept.read_only
         self.expires_at = accept.expires_at
         room = hub.rooms.get(room_name)
@@ -746,7 +761,7 @@ cdef class Connection:
         cdef size_t pos = 0
         cdef uint8_t *p
         cdef uint8_t *payload
-        cdef size_t n
+        cdef size_t n, checked
         cdef Hub hub = self.hub
         cdef Message *msg = &self.message
         self.inbox.need = 0
@@ -766,10 +781,21 @@ cdef class Connection:
                     return total
             if total - pos - hlen < h.length:
                 self.inbox.need = hlen + h.length
+                if self.state == OPEN and not self.check_partial_text(
+                        h.opcode, h.rsv1, h.mask, p + hlen, total - pos - hlen):
+                    self.fail(INVALID_PAYLOAD_DATA, b"invalid UTF-8")
+                    return total
                 break
             n = h.length
             payload = p + hlen
-            unmask(payload, n, h.mask)
+            checked = msg.checked
+            if checked:
+                # The start of this text frame was unmasked and validated
+                # while it arrived (check_partial_text): only the rest now.
+                msg.checked = 0
+                unmask_from(payload + checked, n - checked, h.mask, checked)
+            else:
+                unmask(payload, n, h.mask)
             pos += hlen + n
             if self.state == CLOSING and h.opcode != CLOSE:
                 # Section 5.5.1: after our close, only the peer's close
@@ -810,7 +836,9 @@ cdef class Connection:
                 msg.utf8_state = UTF8_ACCEPT
             if msg.opcode == TEXT and not msg.compressed:
                 # Fail at the first invalid byte, not at the end (section 8.1).
-                if utf8_feed(&msg.utf8_state, payload, n) < 0 or (
+                if checked:
+                    msg.utf8_state = msg.checked_state
+                if utf8_feed(&msg.utf8_state, payload + checked, n - checked) < 0 or (
                         h.fin and msg.utf8_state != UTF8_ACCEPT):
                     self.fail(INVALID_PAYLOAD_DATA, b"invalid UTF-8")
                     return total
@@ -884,6 +912,29 @@ cdef class Connection:
             memcpy(inbox.data, data + used, rest)
         inbox.len = rest
         return 0
+
+    cdef bint check_partial_text(self, uint8_t opcode, bint rsv1, uint32_t mask,
+                                 uint8_t *payload, size_t avail) noexcept:
+        """A text frame still arriving: unmask and validate the bytes that
+        are here, so invalid UTF-8 closes the connection at once (RFC 6455
+        section 8.1) instead of after the whole frame. Only for a frame in
+        a valid place (starting a message, or continuing a text one), so
+        that sequencing errors keep their own close code. False: invalid."""
+        cdef Message *msg = &self.message
+        if rsv1 or avail <= msg.checked:
+            return True
+        if opcode == TEXT and msg.opcode == 0:
+            if msg.checked == 0:
+                msg.checked_state = UTF8_ACCEPT
+        elif not (opcode == CONTINUATION and msg.opcode == TEXT and not msg.compressed):
+            return True
+        elif msg.checked == 0:
+            msg.checked_state = msg.utf8_state
+        unmask_from(payload + msg.checked, avail - msg.checked, mask, msg.checked)
+        if utf8_feed(&msg.checked_state, payload + msg.checked, avail - msg.checked) < 0:
+            return False
+        msg.checked = avail
+        return True
 
     cdef int append_fragment(self, const uint8_t *payload, size_t n) except -1:
         cdef Message *msg = &self.message

@@ -21,6 +21,7 @@ turns into the 101 or an HTTP refusal.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -152,8 +153,29 @@ def _why(error: jwt.PyJWTError) -> str:
     return "invalid token"
 
 
+@dataclass(frozen=True, slots=True)
+class _Verified:
+    """What a token proved once its signature and fixed claims checked out:
+    all that a later sight of the same token needs, besides the clock."""
+
+    rooms: tuple[str, ...]
+    publish: bool | tuple[str, ...]
+    exp: float
+    nbf: float | None
+    subject: str | None
+
+
 class Verifier:
-    """Checks tokens against one key and the configured claims."""
+    """Checks tokens against one key and the configured claims.
+
+    A token that verified is remembered (up to CACHE_SIZE of them, the
+    oldest forgotten first): its signature, audience, issuer and claims
+    cannot change, so the same token again (a reconnect, a second tab) costs
+    a lookup and the time checks instead of a signature check. Refused
+    tokens are never remembered.
+    """
+
+    CACHE_SIZE = 4096
 
     def __init__(
         self,
@@ -172,6 +194,7 @@ class Verifier:
         self._leeway = leeway
         self.enforce_expiry = enforce_expiry
         self._jwt = jwt.PyJWT(options={"require": ["exp"]})
+        self._verified: dict[str, _Verified] = {}
 
     @classmethod
     def from_config(cls, auth: AuthConfig) -> Verifier:
@@ -189,6 +212,35 @@ class Verifier:
         """May the bearer of `token` join `room`, and send there?"""
         if isinstance(token, Denial):
             return token
+        verified = self._verified.get(token)
+        if verified is None:
+            outcome = self._verify(token)
+            if isinstance(outcome, Denial):
+                return outcome
+            verified = outcome
+            if len(self._verified) >= self.CACHE_SIZE:
+                del self._verified[next(iter(self._verified))]
+            self._verified[token] = verified
+        else:
+            # The same tests as PyJWT's, against the clock of this upgrade.
+            now = time.time()
+            if verified.exp <= now - self._leeway:
+                del self._verified[token]
+                return Denial("unauthorized", "token expired", "invalid_token")
+            if verified.nbf is not None and verified.nbf > now + self._leeway:
+                return Denial("unauthorized", "token not yet valid", "invalid_token")
+        if not room_matches(verified.rooms, room):
+            return Denial("forbidden_room", "token does not allow this room", "insufficient_scope")
+        publish = verified.publish
+        may_send = publish if isinstance(publish, bool) else room_matches(publish, room)
+        return Grant(
+            read_only=not may_send,
+            expires=verified.exp + self._leeway,
+            subject=verified.subject,
+        )
+
+    def _verify(self, token: str) -> _Verified | Denial:
+        """The signature and every claim, by PyJWT."""
         try:
             claims: dict[str, Any] = self._jwt.decode(
                 token,
@@ -206,13 +258,13 @@ class Verifier:
             return Denial(
                 "unauthorized", "rooms and publish claims must be lists of rooms", "invalid_token"
             )
-        if not room_matches(rooms, room):
-            return Denial("forbidden_room", "token does not allow this room", "insufficient_scope")
-        may_send = publish if isinstance(publish, bool) else room_matches(publish, room)
+        nbf = claims.get("nbf")  # a number when present: PyJWT checked it
         subject = claims.get("sub")
-        return Grant(
-            read_only=not may_send,
-            expires=float(claims["exp"]) + self._leeway,
+        return _Verified(
+            rooms=tuple(rooms),
+            publish=publish if isinstance(publish, bool) else tuple(publish),
+            exp=float(claims["exp"]),
+            nbf=None if nbf is None else float(nbf),
             subject=subject[:64] if isinstance(subject, str) else None,
         )
 
@@ -291,13 +343,14 @@ def mint(
     issuer: str = "",
     now: float | None = None,
 ) -> str:
-    """A token for `rooms`, valid `ttl` seconds from `now`."""
+    """A token for `rooms`, valid `ttl` seconds from `now` (a negative ttl
+    makes one that has already expired)."""
     issued = int(time.time() if now is None else now)
     claims: dict[str, Any] = {
         "rooms": list(rooms),
         "publish": not read_only,
         "iat": issued,
-        "exp": issued + max(1, round(ttl)),
+        "exp": issued + math.ceil(ttl),  # whole seconds (RFC 7519 NumericDate), never shorter
     }
     if subject:
         claims["sub"] = subject

@@ -51,6 +51,9 @@ class StartupError(Exception):
     """A user-facing reason the relay cannot start (one line)."""
 
 
+_CONFIG_HELP = "YAML configuration file (default: ./config.yaml if present)"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastrelay",
@@ -61,18 +64,17 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Without --config-file, ./config.yaml is read when it exists, else built-in "
         "defaults are used. "
         "Signals: SIGINT/SIGTERM shut down gracefully (a second one exits at once with code 130); "
-        "SIGHUP reopens the log file.",
+        "SIGHUP reopens the log file. "
+        "'fastrelay token --help': print a token for trying access control out.",
     )
-    parser.add_argument(
-        "--config-file",
-        metavar="PATH",
-        help="YAML configuration file (default: ./config.yaml if present)",
-    )
+    parser.add_argument("--config-file", metavar="PATH", help=_CONFIG_HELP)
     parser.add_argument("--version", action="version", version=f"fastrelay {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    token = commands.add_parser(
-        "token",
-        help="print a token signed with auth.secret (for trying access control out)",
+    return parser
+
+
+def _token_parser() -> argparse.ArgumentParser:
+    token = argparse.ArgumentParser(
+        prog="fastrelay token",
         description="Print a JWT for the relay, signed with the configured HMAC secret "
         "(auth.secret, auth.secret_file or auth.secret_env) and carrying auth.audience and "
         "auth.issuer when they are set.",
@@ -96,14 +98,24 @@ def _parser() -> argparse.ArgumentParser:
         "--read-only", action="store_true", help="the bearer may listen but not send"
     )
     token.add_argument("--sub", metavar="NAME", help="the subject claim (who holds the token)")
-    token.add_argument(
-        "--config-file",
-        metavar="PATH",
-        # SUPPRESS: given before the command, it is not overwritten by a default here.
-        default=argparse.SUPPRESS,
-        help="YAML configuration file (default: ./config.yaml if present)",
-    )
-    return parser
+    token.add_argument("--config-file", metavar="PATH", help=_CONFIG_HELP)
+    return token
+
+
+def _token_command(argv: Sequence[str]) -> list[str] | None:
+    """The arguments of `fastrelay [--config-file PATH] token ...` without
+    the word `token`, or None for the relay's own command line (parsed by
+    _parser() exactly as before the command existed)."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--config-file":
+            i += 2
+        elif arg.startswith("-"):
+            i += 1
+        else:
+            return [*argv[:i], *argv[i + 1 :]] if arg == "token" else None
+    return None
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -126,13 +138,15 @@ def _error(message: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    token_arguments = _token_command(arguments)
+    if token_arguments is not None:
+        return _print_token(_token_parser().parse_args(token_arguments))
+    args = _parser().parse_args(arguments)
     try:
         cfg = load_config(args.config_file)
     except ConfigError as e:
         return _error(str(e))
-    if args.command == "token":
-        return _print_token(cfg, args)
     try:
         sink = setup_logging(cfg.logging.output, cfg.logging.level)
     except OSError as e:
@@ -148,9 +162,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         sink.close()
 
 
-def _print_token(cfg: Config, args: argparse.Namespace) -> int:
+def _print_token(args: argparse.Namespace) -> int:
     try:
+        cfg = load_config(args.config_file)
         secret = auth.signing_secret(cfg.auth)
+    except ConfigError as e:
+        return _error(str(e))
     except SecretError as e:
         return _error(f"auth.{e.option}: {e.problem}")
     token = auth.mint(

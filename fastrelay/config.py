@@ -178,12 +178,6 @@ def _check_origin(value: str) -> str | None:
     return None
 
 
-def _check_algorithm(value: str) -> str | None:
-    if value in ALGORITHMS:
-        return None
-    return f"not an algorithm fastrelay verifies (one of: {', '.join(ALGORITHMS)})"
-
-
 @dataclass(frozen=True)
 class TLSConfig:
     enabled: bool = _option(
@@ -447,7 +441,7 @@ class AuthConfig:
             "Signature algorithms accepted, all verified with the one key below: HS256/384/512 "
             "with `secret`; RS*, PS*, ES256/384/512 or EdDSA with `public_key_file`. Never "
             "taken from the token.",
-            item_check=_check_algorithm,
+            choices=ALGORITHMS,
         ),
     )
     secret: str = _option(

@@ -93,6 +93,7 @@ class Relay:
             ping_timeout=timeouts.ping_timeout,
             slow_client_timeout=timeouts.slow_client,
         )
+        self.gate.clock = loop.time
         if self.log.isEnabledFor(logging.DEBUG):
             hub.close_log = self._log_close
         if cfg.backplane.url:

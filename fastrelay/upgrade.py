@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import auth, handshake
@@ -43,6 +44,10 @@ class Gate:
         self.log = log
         self.accepting = True  # False once the shutdown has begun
         self.failures: dict[str, int] = {}  # refusals by reason (a metrics label)
+        # The event loop's time(), set by the server. Without it a token's
+        # expiry is placed on the hub's clock as of its last sweep, which
+        # lags by up to a sweep interval and would close connections early.
+        self.clock: Callable[[], float] | None = None
 
     def count_failure(self, reason: str, n: int = 1) -> None:
         self.failures[reason] = self.failures.get(reason, 0) + n
@@ -102,8 +107,10 @@ class Gate:
             )
         expires_at = 0.0
         if verifier.enforce_expiry:
-            # The hub's clock is the event loop's; the token's is Unix time.
-            expires_at = conn.hub.now + (outcome.expires - time.time())
+            # The hub's deadlines are on the event loop's clock; the token's
+            # is Unix time.
+            loop_now = self.clock() if self.clock is not None else conn.hub.now
+            expires_at = loop_now + (outcome.expires - time.time())
         if self.log.isEnabledFor(logging.DEBUG):
             # The subject names who joined; the token itself is never logged.
             self.log.debug(

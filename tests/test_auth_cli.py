@@ -136,3 +136,17 @@ def test_the_printed_token_opens_its_room_on_a_relay(relay_factory, config_file)
     with connect(f"{relay.ws('/lobby')}?token={token}", open_timeout=10, close_timeout=10) as ws:
         ws.send("minted")
         assert ws.recv(timeout=10) == "minted"
+
+
+def test_config_file_with_equals_before_the_command(config_file):
+    result = fastrelay(f"--config-file={config_file}", "token", "--room", "/r")
+    assert result.returncode == 0, result.stderr
+    assert decode(result.stdout.strip())["rooms"] == ["/r"]
+
+
+def test_the_relay_command_line_is_unchanged(tmp_path):
+    # Without the word `token`, the relay's own parser answers as before:
+    # an unknown option is not taken for a command.
+    result = fastrelay("--confg-file", "token.yaml", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "unrecognized arguments: --confg-file token.yaml" in result.stderr

@@ -129,6 +129,80 @@ def test_leeway_admits_a_token_just_expired():
     assert denial == auth.Denial("unauthorized", "token expired", "invalid_token")
 
 
+class CountingVerifier(auth.Verifier):
+    """A Verifier counting the full checks PyJWT makes."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.full_checks = 0
+
+    def _verify(self, token):
+        self.full_checks += 1
+        return super()._verify(token)
+
+
+def test_a_verified_token_is_remembered_not_rechecked():
+    verifier = CountingVerifier(SECRET, ["HS256"])
+    shared = token(rooms=["/a", "/b"], publish=["/a"])
+    assert verifier.check(shared, "/a") == verifier.check(shared, "/a")
+    # The room and publish rights are still decided per request.
+    assert verifier.check(shared, "/b").read_only is True
+    assert verifier.check(shared, "/c") == auth.Denial(
+        "forbidden_room", "token does not allow this room", "insufficient_scope"
+    )
+    assert verifier.full_checks == 1
+
+
+def test_refused_tokens_are_not_remembered():
+    verifier = CountingVerifier(SECRET, ["HS256"])
+    forged = token(secret=b"another-secret-0123456789-0123456789")
+    for _ in range(2):
+        assert verifier.check(forged, "/r").detail == "bad token signature"
+    assert verifier.full_checks == 2
+
+
+def test_a_remembered_token_still_expires(monkeypatch):
+    verifier = CountingVerifier(SECRET, ["HS256"], leeway=10.0)
+    now = time.time()
+    remembered = token(ttl=60)
+    assert isinstance(verifier.check(remembered, "/r"), auth.Grant)
+    exp = jwt.decode(remembered, options={"verify_signature": False})["exp"]
+    # Within the leeway after exp it still opens (as PyJWT decides), past it not.
+    monkeypatch.setattr(auth.time, "time", lambda: exp + 9.5)
+    assert isinstance(verifier.check(remembered, "/r"), auth.Grant)
+    monkeypatch.setattr(auth.time, "time", lambda: exp + 10.0)
+    assert verifier.check(remembered, "/r").detail == "token expired"
+    assert verifier.full_checks == 1
+    # Forgotten once expired: the next sight is a full check again (and fails).
+    monkeypatch.setattr(auth.time, "time", lambda: now)
+    verifier.check(remembered, "/r")
+    assert verifier.full_checks == 2
+
+
+def test_a_remembered_token_is_checked_against_nbf(monkeypatch):
+    verifier = CountingVerifier(SECRET, ["HS256"])
+    nbf = int(time.time()) - 5
+    remembered = token(nbf=nbf)
+    assert isinstance(verifier.check(remembered, "/r"), auth.Grant)
+    monkeypatch.setattr(auth.time, "time", lambda: nbf - 1.0)  # the clock stepped back
+    assert verifier.check(remembered, "/r").detail == "token not yet valid"
+    assert verifier.full_checks == 1
+
+
+def test_the_memory_is_bounded_oldest_first():
+    verifier = CountingVerifier(SECRET, ["HS256"])
+    verifier.CACHE_SIZE = 3
+    tokens = [token(sub=f"user-{i}") for i in range(4)]
+    for t in tokens:
+        verifier.check(t, "/r")
+    assert verifier.full_checks == 4
+    verifier.check(tokens[3], "/r")
+    verifier.check(tokens[1], "/r")
+    assert verifier.full_checks == 4  # still remembered
+    verifier.check(tokens[0], "/r")
+    assert verifier.full_checks == 5  # the oldest was forgotten
+
+
 def test_denial_challenges():
     assert auth.NO_TOKEN.challenge() == 'Bearer realm="fastrelay"'
     assert auth.Denial("forbidden_room", "no", "insufficient_scope").challenge() == (
@@ -165,12 +239,17 @@ def test_the_gate_converts_exp_to_loop_time(monkeypatch, enforce):
     gate, hub, loop = gate_with(
         auth.Verifier(SECRET, ["HS256"], leeway=2.0, enforce_expiry=enforce)
     )
-    # The hub's clock is the loop's (1000.0 here); the token's is Unix time.
+    # The hub's clock is the loop's; the token's is Unix time. The hub last
+    # swept at 1000.0 and the loop has moved on since: the gate reads the
+    # loop's clock, so the deadline does not come a sweep interval early.
+    gate.clock = loop.time
+    loop.now += 0.4
     monkeypatch.setattr(upgrade.time, "time", lambda: now + 40.0)
     conn, out = upgrade_with(hub, loop, "/r?token=" + token(exp=exp, publish=True))
     assert out.startswith(b"HTTP/1.1 101 ")
     assert conn.state == State.OPEN and not conn.read_only
-    assert conn.expires_at == (loop.now + (exp + 2.0 - (now + 40.0)) if enforce else 0.0)
+    assert hub.now == 1000.0
+    assert conn.expires_at == (1000.4 + (exp + 2.0 - (now + 40.0)) if enforce else 0.0)
 
 
 def test_the_gate_refuses_and_counts():
@@ -268,7 +347,7 @@ def ec_key_file(tmp_path):
         ),
         (
             "auth: {enabled: true, algorithms: [none]}\n",
-            "auth.algorithms: 'none': not an algorithm",
+            "auth.algorithms: unknown value 'none' (expected one of: HS256, HS384",
         ),
         ("auth: {enabled: true, algorithms: []}\n", "auth.algorithms: list at least one"),
         (

@@ -16,6 +16,8 @@ import os
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fastrelay import handshake
 from fastrelay._frames import CloseCode, Connection, Hub, Opcode, State
@@ -617,3 +619,46 @@ def test_a_lone_member_without_echo_still_reaches_other_processes() -> None:
     relay.loop.run_turn()
     assert sender_out.writes == []
     assert backplane.batches == [[("/solo", Opcode.TEXT, b"anyone?")]]
+
+
+# -- text validated as it arrives ---------------------------------------------------
+
+
+def test_invalid_utf8_early_in_a_long_text_frame_closes_at_once() -> None:
+    relay = Relay()
+    conn, transport = relay.join()
+    whole = client_frame(Opcode.TEXT, b"fine so far \xff" + b"x" * 500_000)
+    feed(conn, whole[:2048])  # the frame is far from complete
+    relay.loop.run_turn()
+    frames = frames_of(transport.take())
+    assert frames == [(True, Opcode.CLOSE, close_body(1007, b"invalid UTF-8"))]
+    assert conn.state == State.CLOSED
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    text=st.text(min_size=0, max_size=3000),
+    pieces=st.integers(min_value=1, max_value=4),
+    cuts=st.lists(st.integers(min_value=1, max_value=997), min_size=1, max_size=12),
+)
+def test_text_checked_as_it_arrives_is_relayed_intact(
+    text: str, pieces: int, cuts: list[int]
+) -> None:
+    """Any split of the reads, any fragmentation, multi-byte characters cut
+    anywhere: the bytes relayed are the bytes sent."""
+    relay = Relay(max_message_size=1 << 20)
+    conn, transport = relay.join()
+    data = text.encode()
+    step = max(1, len(data) // pieces)
+    parts = [data[i : i + step] for i in range(0, len(data), step)] or [b""]
+    stream = b"".join(
+        client_frame(Opcode.TEXT if i == 0 else Opcode.CONTINUATION, part, fin=i == len(parts) - 1)
+        for i, part in enumerate(parts)
+    )
+    start = 0
+    for cut in cuts:
+        feed(conn, stream[start : start + cut])
+        start += cut
+    feed(conn, stream[start:])
+    relay.loop.run_turn()
+    assert frames_of(transport.take()) == [(True, Opcode.TEXT, data)]

@@ -119,8 +119,10 @@ with tarfile.open(sdist) as tar:
 
 with zipfile.ZipFile(wheel) as whl:
     names = whl.namelist()
+    modules = []  # the compiled modules' paths in the wheel, checked for debug info below
     for module in ("_frames", "_testing"):
         built = [n for n in names if n.startswith(f"fastrelay/{module}.") and n.endswith(".so")]
+        modules += built
         if len(built) != 1:
             problems.append(f"wheel: expected one compiled fastrelay/{module}*.so, found {built}")
     if "fastrelay/demo/index.html" not in names:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 import socket
@@ -25,7 +26,15 @@ import uvloop
 
 from . import auth
 from ._version import __version__
-from .config import Config, ConfigError, api_key, load_config, resolve_config_path
+from .config import (
+    Config,
+    ConfigError,
+    api_key,
+    load_config,
+    resolve_config_path,
+    worker_count,
+)
+from .control import ControlChannel
 from .keys import SecretError
 from .logs import LogSink, setup_logging
 from .metrics import start_metrics_server, url_host
@@ -182,7 +191,12 @@ def _print_token(args: argparse.Namespace) -> int:
 
 
 def _run(cfg: Config, sink: LogSink, config_path: str | None) -> int:
-    return uvloop.run(_serve(cfg, sink, config_path))
+    workers = worker_count(cfg)
+    if workers > 1:
+        from .supervisor import supervise
+
+        return supervise(cfg, sink, config_path, workers)
+    return uvloop.run(serve(cfg, sink, config_path))
 
 
 def _listen_error(sink: LogSink, what: str, host: str, port: int, exc: OSError) -> StartupError:
@@ -200,7 +214,13 @@ def _listen_error(sink: LogSink, what: str, host: str, port: int, exc: OSError) 
     return StartupError(f"cannot listen on {url_host(host)}:{port}: {reason}")
 
 
-async def _serve(cfg: Config, sink: LogSink, config_path: str | None) -> int:
+async def serve(
+    cfg: Config, sink: LogSink, config_path: str | None, control: ControlChannel | None = None
+) -> int:
+    """Run the relay until SIGINT/SIGTERM. Alone, it prints its URLs and
+    serves the metrics; as a worker (`control` set) it shares its port with
+    the other workers, reports to the supervisor, answers its snapshot
+    requests and stops when the supervisor goes away."""
     log = sink.logger
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -231,18 +251,19 @@ async def _serve(cfg: Config, sink: LogSink, config_path: str | None) -> int:
         loop.add_signal_handler(sig, on_stop_signal, sig.name)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
 
-    log.info(
-        "fastrelay %s starting (config: %s)",
-        __version__,
-        config_path or "built-in defaults",
-    )
+    if control is None:
+        log.info(
+            "fastrelay %s starting (config: %s)",
+            __version__,
+            config_path or "built-in defaults",
+        )
     # Keys were checked at load time; a file or variable may have changed since.
     try:
-        relay = Relay(cfg, log)
+        relay = Relay(cfg, log, reuse_port=control is not None)
     except SecretError as e:
         raise StartupError(f"auth.{e.option}: {e.problem}") from None
     api = None
-    if cfg.api.enabled:
+    if cfg.api.enabled and control is None:
         try:
             api = PublishApi(api_key(cfg.api), relay, cfg.relay.max_message_size)
         except SecretError as e:
@@ -261,7 +282,10 @@ async def _serve(cfg: Config, sink: LogSink, config_path: str | None) -> int:
         raise _listen_error(sink, "relay", cfg.server.host, cfg.server.port, e) from None
 
     metrics = None
-    if cfg.metrics.enabled:
+    if control is not None:
+        control.send("ready", relay.port)
+        answering = loop.create_task(_answer_supervisor(control, relay, stop, log))
+    elif cfg.metrics.enabled:
         try:
             metrics = await start_metrics_server(
                 cfg.metrics.host,
@@ -275,15 +299,18 @@ async def _serve(cfg: Config, sink: LogSink, config_path: str | None) -> int:
             await relay.shutdown(cfg.timeouts.shutdown)
             raise _listen_error(sink, "metrics", cfg.metrics.host, cfg.metrics.port, e) from None
 
-    scheme = "wss" if cfg.server.tls.enabled else "ws"
-    lines = [f"fastrelay listening on {scheme}://{url_host(cfg.server.host)}:{relay.port}/"]
-    if metrics is not None:
-        lines.append(f"metrics on {metrics.url}")
-        if api is not None:
-            lines.append(f"publish API on {metrics.url.removesuffix('/metrics')}/publish/<room>")
-    for line in lines:
-        print(line, flush=True)
-        log.info("%s", line)
+    if control is None:
+        scheme = "wss" if cfg.server.tls.enabled else "ws"
+        lines = [f"fastrelay listening on {scheme}://{url_host(cfg.server.host)}:{relay.port}/"]
+        if metrics is not None:
+            lines.append(f"metrics on {metrics.url}")
+            if api is not None:
+                lines.append(
+                    f"publish API on {metrics.url.removesuffix('/metrics')}/publish/<room>"
+                )
+        for line in lines:
+            print(line, flush=True)
+            log.info("%s", line)
 
     await stop.wait()
     log.info("closing clients with 1001, waiting up to %.1fs", cfg.timeouts.shutdown)
@@ -292,8 +319,27 @@ async def _serve(cfg: Config, sink: LogSink, config_path: str | None) -> int:
         # Closed last: during the drain /readyz answers 503, which tells a
         # load balancer to stop sending clients here.
         await metrics.close()
+    if control is not None:
+        answering.cancel()
+        control.close()
     log.info("shutdown complete")
     return EXIT_OK
+
+
+async def _answer_supervisor(
+    control: ControlChannel, relay: Relay, stop: asyncio.Event, log: logging.Logger
+) -> None:
+    """A worker's side of the control channel: counters on request; the
+    channel's end means the supervisor is gone, and so the worker goes."""
+    try:
+        while True:
+            request = await control.receive()
+            if request[0] == "snapshot":
+                control.send("snapshot", relay.snapshot())
+    except (asyncio.IncompleteReadError, ConnectionError):
+        if not stop.is_set():
+            log.warning("supervisor gone: shutting down")
+            stop.set()
 
 
 def _exit_now(sink: LogSink, code: int) -> None:

@@ -37,13 +37,15 @@ STREAM_OUTPUTS = ("stdout", "stderr")
 OptionValue: TypeAlias = "bool | int | float | str | tuple[str, ...]"
 
 # The name users read for each type a leaf key can have.
-Kind = Literal["boolean", "integer", "number", "string", "list of strings"]
+Kind = Literal["boolean", "integer", "number", "string", "list of strings", "integer or auto"]
 _KINDS: dict[object, Kind] = {
     bool: "boolean",
     int: "integer",
     float: "number",
     str: "string",
     tuple[str, ...]: "list of strings",
+    # A count the program can also work out itself (`auto`).
+    int | Literal["auto"]: "integer or auto",
 }
 
 _V = TypeVar("_V")
@@ -82,6 +84,8 @@ class OptionMeta:
     path: bool = False
     lower: bool = False
     item_check: Callable[[str], str | None] | None = None
+    # How a value is quoted in error messages (hides a password in a URL).
+    shown: Callable[[str], str] = str
     secret: bool = False  # never quote the value in an error message
 
     def allowed(self) -> str:
@@ -117,6 +121,49 @@ _META = "fastrelay.option"
 def _option(default: _V, meta: OptionMeta) -> _V:
     """Declare a leaf key: its default and its OptionMeta."""
     return field(default=default, metadata={_META: meta})
+
+
+def redact_url(url: str) -> str:
+    """`url` with any password replaced by `***`, for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[1]
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()
+
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def check_redis_url(value: str) -> str | None:
+    """Return why `value` is not a usable Redis URL, or None ('' is: no backplane).
+
+    The problem never quotes the password; the loader quotes the value, so
+    the messages for a URL name only what is wrong.
+    """
+    if not value:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in REDIS_SCHEMES:
+        return "expected a redis://, rediss:// or unix:// URL"
+    try:
+        port = parts.port
+    except ValueError:
+        return "the port must be a number from 1 to 65535"
+    if parts.scheme == "unix":
+        if not parts.path:
+            return "a unix:// URL needs the socket's path, e.g. unix:///run/redis.sock"
+        db = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p).get("db", "0")
+    else:
+        if not parts.hostname:
+            return "the URL names no host"
+        if port == 0:
+            return "the port must be a number from 1 to 65535"
+        db = parts.path.strip("/") or "0"
+    if not db.isdigit():
+        return "the database must be a number, e.g. redis://host:6379/0"
+    return None
 
 
 def _check_origin(value: str) -> str | None:
@@ -171,6 +218,15 @@ class ServerConfig:
         ),
     )
     tls: TLSConfig = field(default_factory=TLSConfig)
+    workers: int | Literal["auto"] = _option(
+        1,
+        OptionMeta(
+            "Worker processes sharing the port (SO_REUSEPORT) under a supervisor; `auto` = "
+            "one per CPU. Above 1 needs `backplane.url`, which joins the workers' rooms.",
+            min=1,
+            max=1024,
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -322,6 +378,55 @@ class TimeoutsConfig:
 
 
 @dataclass(frozen=True)
+class BackplaneConfig:
+    url: str = _option(
+        "",
+        OptionMeta(
+            "Redis (or Valkey) joining processes and hosts through pub/sub, one channel per "
+            "room: `redis://[:password@]host:port/db`, `rediss://...` (TLS) or "
+            "`unix:///path/redis.sock?db=0`. Empty: no backplane, one process on its own.",
+            item_check=check_redis_url,
+            shown=redact_url,
+        ),
+    )
+    password_env: str = _option(
+        "",
+        OptionMeta(
+            "Name of an environment variable holding the Redis password, instead of one "
+            "in `url`; empty = none."
+        ),
+    )
+    channel_prefix: str = _option(
+        "fastrelay:",
+        OptionMeta("A room's channel is this prefix followed by the room, in UTF-8."),
+    )
+    ca_file: str = _option(
+        "",
+        OptionMeta(
+            "For `rediss://`: PEM file of the CA certificates that verify Redis; empty = "
+            "the system's. A relative path is relative to the config file's directory.",
+            path=True,
+        ),
+    )
+    max_queue_bytes: int = _option(
+        16777216,
+        OptionMeta(
+            "Bytes of messages waiting to be published; beyond it a message is not sent to "
+            "other processes (local members still get it) and is counted as dropped.",
+            min=65536,
+        ),
+    )
+    reconnect_max_delay: float = _option(
+        5.0,
+        OptionMeta(
+            "Longest wait, in seconds, between attempts to reach Redis again (exponential "
+            "backoff from 0.1 s, with jitter).",
+            min=0.1,
+        ),
+    )
+
+
+@dataclass(frozen=True)
 class AuthConfig:
     enabled: bool = _option(
         False,
@@ -428,6 +533,15 @@ class Config:
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
+    backplane: BackplaneConfig = field(default_factory=BackplaneConfig)
+
+
+def worker_count(cfg: Config) -> int:
+    """server.workers as a number (`auto`: the CPUs this process may run on)."""
+    workers = cfg.server.workers
+    if workers == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    return workers
 
 
 # --- schema introspection (shared by the loader, the docs and the tests) ---
@@ -660,6 +774,12 @@ class _Loader:
                 return float(value)
         if kind == "string" and isinstance(value, str):
             return value
+        if kind == "integer or auto":
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.strip().lower() == "auto":
+                return "auto"
+            raise self.error(option.key, f"expected an integer or auto, got {_describe(value)}")
         if kind == "list of strings" and isinstance(value, list):
             for i, item in enumerate(value):
                 if not isinstance(item, str):
@@ -697,7 +817,7 @@ class _Loader:
         if meta.item_check:
             problem = meta.item_check(value)
             if problem:
-                raise self.error(option.key, f"'{value}': {problem}")
+                raise self.error(option.key, f"'{meta.shown(value)}': {problem}")
         if meta.path:
             value = self.resolve_path(value)
         return value
@@ -710,6 +830,7 @@ class _Loader:
         return os.path.join(self.base_dir, os.path.expanduser(value))
 
     def check_cross_fields(self, cfg: Config) -> None:
+        self.check_backplane(cfg)
         if cfg.metrics.enabled and _same_listener(
             cfg.server.host, cfg.server.port, cfg.metrics.host, cfg.metrics.port
         ):
@@ -743,6 +864,45 @@ class _Loader:
                 api_key(cfg.api)
             except SecretError as e:
                 raise self.error(f"api.{e.option}", e.problem) from None
+
+    def check_backplane(self, cfg: Config) -> None:
+        backplane = cfg.backplane
+        workers = worker_count(cfg)
+        if workers > 1 and not backplane.url:
+            raise self.error(
+                "server.workers",
+                f"{workers} workers without backplane.url: rooms would be split across "
+                "workers (members on different workers would not see each other's messages)",
+            )
+        if workers > 1 and cfg.api.enabled:
+            raise self.error(
+                "api.enabled",
+                f"the publish API is not served with {workers} workers yet (it runs in one "
+                "relay process); use server.workers: 1",
+            )
+        if not backplane.url:
+            return
+        if backplane.password_env:
+            if urlsplit(backplane.url).password is not None:
+                raise self.error(
+                    "backplane.password_env",
+                    "backplane.url has a password too; give it in one place only",
+                )
+            if backplane.password_env not in os.environ:
+                raise self.error(
+                    "backplane.password_env",
+                    f"the environment variable {backplane.password_env} is not set",
+                )
+        if backplane.ca_file:
+            if urlsplit(backplane.url).scheme != "rediss":
+                raise self.error("backplane.ca_file", "only used with a rediss:// URL")
+            try:
+                with open(backplane.ca_file, "rb"):
+                    pass
+            except OSError as e:
+                raise self.error(
+                    "backplane.ca_file", f"cannot read '{backplane.ca_file}': {e.strerror or e}"
+                ) from None
 
 
 # Guessing a random key of this length is hopeless; shorter ones are refused.

@@ -29,6 +29,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 Snapshot = Callable[[], Mapping[str, Any]]
+Refresh = Callable[[], Awaitable[None]]
 
 log = logging.getLogger("fastrelay.metrics")
 
@@ -44,6 +45,9 @@ class MetricDef:
     key: str  # snapshot key
     label: str | None  # for labelled metrics: the snapshot value is {label value: count}
     help: str
+    # Exported only when the snapshot has the key: the backplane's metrics
+    # (with backplane.url) and the supervisor's (with server.workers > 1).
+    optional: bool = False
 
 
 # The table of exported metrics; the README table is generated from it.
@@ -134,13 +138,79 @@ METRICS = (
         None,
         "Connections closed for a protocol violation (1002, 1007, 1009).",
     ),
+    MetricDef(
+        "websocket_backplane_connected",
+        "gauge",
+        "backplane_connected",
+        None,
+        "1 while connected to the Redis backplane (with workers: how many workers are).",
+        optional=True,
+    ),
+    MetricDef(
+        "websocket_backplane_published_total",
+        "counter",
+        "backplane_published_total",
+        None,
+        "Messages of local clients published to the backplane.",
+        optional=True,
+    ),
+    MetricDef(
+        "websocket_backplane_received_total",
+        "counter",
+        "backplane_received_total",
+        None,
+        "Messages of other processes received from the backplane.",
+        optional=True,
+    ),
+    MetricDef(
+        "websocket_backplane_dropped_total",
+        "counter",
+        "backplane_dropped_total",
+        None,
+        "Messages of local clients not published (backplane down, or its queue full); "
+        "local members still got them.",
+        optional=True,
+    ),
+    MetricDef(
+        "websocket_backplane_reconnects_total",
+        "counter",
+        "backplane_reconnects_total",
+        None,
+        "Times the backplane connection was lost and made again.",
+        optional=True,
+    ),
+    MetricDef(
+        "websocket_backplane_queued_bytes",
+        "gauge",
+        "backplane_queued_bytes",
+        None,
+        "Bytes of messages waiting to be published (bounded by backplane.max_queue_bytes).",
+        optional=True,
+    ),
+    MetricDef(
+        "websocket_workers",
+        "gauge",
+        "workers",
+        None,
+        "Worker processes running now (server.workers > 1).",
+        optional=True,
+    ),
+    MetricDef(
+        "websocket_worker_restarts_total",
+        "counter",
+        "worker_restarts_total",
+        None,
+        "Workers started again after exiting unexpectedly (server.workers > 1).",
+        optional=True,
+    ),
 )
 
 
 class RelayCollector(Collector):
     """Reads the relay's counters at scrape time.
 
-    Every key of METRICS must be in the snapshot: a missing one raises
+    Every key of METRICS must be in the snapshot (optional ones may be
+    absent, and are then not exported): a missing one raises
     KeyError, which fails the scrape (500, logged) rather than exporting a 0
     that looks like a real value.
     """
@@ -151,6 +221,8 @@ class RelayCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         snap = self._snapshot()
         for m in METRICS:
+            if m.optional and m.key not in snap:
+                continue
             family_cls = GaugeMetricFamily if m.type == "gauge" else CounterMetricFamily
             # CounterMetricFamily strips a trailing "_total" from the family
             # name and adds it back to the sample, so `m.name` is exposed as is.
@@ -239,9 +311,11 @@ class MetricsServer:
         request_timeout: float,
         max_request_head: int,
         api: ApiHandler | None = None,
+        refresh: Refresh | None = None,
     ) -> None:
         self.host = host
         self._api = api
+        self._refresh = refresh
         self._registry = build_registry(snapshot)
         self._ready = ready
         self._request_timeout = request_timeout
@@ -320,6 +394,8 @@ class MetricsServer:
                 raise ConnectionResetError from None  # left before the whole body
         if request.method not in ("GET", "HEAD"):
             return Response(405, b"method not allowed\n", headers=_ALLOW_OWN), False
+        if request.path == "/metrics" and self._refresh is not None:
+            await self._refresh()
         return self._route(request.path), head_only
 
     def _route(self, path: str) -> Response:
@@ -380,14 +456,16 @@ async def start_metrics_server(
     request_timeout: float = 10.0,
     max_request_head: int = 8192,
     api: ApiHandler | None = None,
+    refresh: Refresh | None = None,
 ) -> MetricsServer:
     """Listen on host:port (0 = a free port) and serve /metrics, /healthz, /readyz,
     and the paths `api` handles.
 
     `snapshot()` is called on each scrape of /metrics; `ready()` on each
-    request to /readyz (200 while true, 503 otherwise). Raises OSError when
-    the address cannot be bound.
+    request to /readyz (200 while true, 503 otherwise). `refresh()`, when
+    given, is awaited before each scrape (the supervisor gathers its
+    workers' counters). Raises OSError when the address cannot be bound.
     """
-    server = MetricsServer(host, snapshot, ready, request_timeout, max_request_head, api)
+    server = MetricsServer(host, snapshot, ready, request_timeout, max_request_head, api, refresh)
     await server._start(port)
     return server

@@ -142,6 +142,7 @@ KIND_TYPES = {
     "number": float,
     "string": str,
     "list of strings": tuple,
+    "integer or auto": int,
 }
 
 

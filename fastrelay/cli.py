@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import uvloop
 
-from . import auth
+from . import auth, fdlimit
 from ._version import __version__
 from .config import (
     Config,
@@ -191,6 +191,10 @@ def _print_token(args: argparse.Namespace) -> int:
 
 
 def _run(cfg: Config, sink: LogSink, config_path: str | None) -> int:
+    # Workers inherit the raised limit.
+    warning = fdlimit.shortfall(fdlimit.raise_open_files_limit(), cfg.limits.max_connections)
+    if warning:
+        sink.logger.warning("%s", warning)
     workers = worker_count(cfg)
     if workers > 1:
         from .supervisor import supervise

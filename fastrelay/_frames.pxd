@@ -115,6 +115,10 @@ cdef class Room:
     cdef Py_ssize_t deflate_members    # how many negotiated permessage-deflate
     cdef Py_ssize_t deflate_windows[16]  # of those, how many per server window (9..15 bits)
     cdef Py_ssize_t congested          # members over the high-water mark; > 0: reading paused
+    # New room, backplane subscription not confirmed yet: its members' output
+    # (their 101 first) is held, so that a client never hears "joined" before
+    # messages from other processes can reach it.
+    cdef readonly bint pending
 
     cdef int pause_reading(self) except -1
     cdef int resume_reading(self) except -1
@@ -143,6 +147,11 @@ cdef class Hub:
     cdef readonly Py_ssize_t max_backlog
     cdef readonly bint drop_slow
     cdef readonly bint backpressure    # slow_client_policy "backpressure"
+    # Queued bytes at which a member is closed: max_backlog, plus under
+    # backpressure room for a few whole messages that one turn may bring
+    # before the room's senders wait (a burst of big messages is not a slow
+    # reader).
+    cdef readonly Py_ssize_t hard_backlog
     cdef readonly double slow_client_timeout
     cdef readonly Py_ssize_t max_rate
     cdef readonly double handshake_timeout
@@ -231,6 +240,7 @@ cdef class Connection:
     cdef Message message
     cdef Outbox out
     cdef RateWindow rate
+    cdef object held                   # output held while its room is pending (a bytearray)
 
     cdef int handshake_step(self) except -1
     cdef int open(self, object accept) except -1
@@ -255,6 +265,8 @@ cdef class Connection:
     cdef inline int append_slice(self, size_t offset, size_t n) except -1
     cdef bint refresh_backlog(self) except -1
     cdef int write_pending(self) except -1
+    cdef int hold_output(self) except -1
+    cdef int release_output(self) except -1
     cdef int queue_rest(self, Py_ssize_t first, size_t skip) except -1
     cdef int drop_broken(self) except -1
     cdef int slow_client(self, bytes reason) except -1

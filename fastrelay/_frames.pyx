@@ -177,6 +177,7 @@ cdef class Hub:
         self.max_backlog = max_backlog
         self.drop_slow = slow_client_policy == "drop"
         self.backpressure = slow_client_policy == "backpressure"
+        self.hard_backlog = max_backlog + (4 * max_message_size if self.backpressure else 0)
         self.slow_client_timeout = slow_client_timeout
         self.max_rate = max_messages_per_second
         self.max_request_head = 8192
@@ -430,6 +431,25 @@ cdef class Hub:
             return 0
         return self.broadcast(room, None, opcode, PyBytes_AS_STRING(data), len(data))
 
+    def room_ready(self, str room_name):
+        """The backplane's subscription for this room is confirmed (or the
+        backplane gave up on it): write what its members were held."""
+        cdef Room room = self.rooms.get(room_name)
+        cdef Py_ssize_t i
+        cdef Connection m
+        if room is None or not room.pending:
+            return
+        room.pending = False
+        for i in range(room.members.count):
+            m = <Connection>room.members.items[i]
+            if m.held is not None:
+                m.release_output()
+
+    def release_pending_rooms(self):
+        """The backplane lost Redis: no room waits for a subscription."""
+        for name in [name for name, room in self.rooms.items() if (<Room>room).pending]:
+            self.room_ready(name)
+
     def deliver(self, str room_name, int opcode, payload):
         """A message another process relayed (from the backplane): to the
         local members of its room, encoded once into this turn's arena like
@@ -591,6 +611,7 @@ cdef class Connection:
         self.deadline = 0
         self.out.count = 0
         self.out.finish_after_flush = False
+        self.held = None
         self.transport = None
         if 0 <= i < hub.clients.count and hub.clients.items[i] == <PyObject *>self:
             moved = registry_take(&hub.clients, i)
@@ -761,7 +782,8 @@ cdef class Connection:
             room = Room(room_name)
             hub.rooms[room_name] = room
             if hub.backplane is not None:
-                hub.backplane.room_opened(room_name)
+                # False: a subscription is on its way; hub.room_ready() ends the wait.
+                room.pending = not hub.backplane.room_opened(room_name)
         room.add(self)
         self.room = room
         if room.congested:
@@ -975,6 +997,10 @@ cdef class Connection:
 
     cdef int append_fragment(self, const uint8_t *payload, size_t n) except -1:
         cdef Message *msg = &self.message
+        if n == 0:
+            # Nothing to add, and msg.data may still be NULL: memcpy to NULL
+            # is undefined even for 0 bytes (found by UBSan).
+            return 0
         grow(<void **>&msg.data, &msg.cap, msg.len + n, 1, 4096)
         memcpy(msg.data + msg.len, payload, n)
         msg.len += n
@@ -1072,6 +1098,10 @@ cdef class Connection:
             return 0
         room.remove(self)
         self.room = None
+        if self.held is not None:
+            # Leaving (closing) while held: the 101 and what followed go out
+            # before the close frame.
+            self.release_output()
         if self.out.congested:
             self.out.congested = False
             room.congested -= 1
@@ -1136,6 +1166,10 @@ cdef class Connection:
         cdef size_t total
         if out.count == 0 or self.transport is None:
             return 0
+        if self.room is not None and self.room.pending:
+            return self.hold_output()
+        if self.held is not None:
+            self.release_output()
         if out.via_transport and self.direct:
             self.refresh_backlog()
         if not self.direct or out.via_transport:
@@ -1174,6 +1208,30 @@ cdef class Connection:
             first += count
         return 0
 
+    cdef int hold_output(self) except -1:
+        """Keep this turn's slices (a copy: the arena is reused) until the
+        room is ready."""
+        cdef Outbox *out = &self.out
+        cdef Py_ssize_t i
+        if self.held is None:
+            self.held = bytearray()
+        for i in range(out.count):
+            self.held += PyBytes_FromStringAndSize(self.hub.arena + out.slices[i].offset,
+                                                   out.slices[i].length)
+        return 0
+
+    cdef int release_output(self) except -1:
+        """Write what was held, in front of anything newer: from then on the
+        transport keeps the order (via_transport)."""
+        cdef bytes held = bytes(self.held)
+        self.held = None
+        if self.transport is None or self.transport.is_closing():
+            return 0
+        self.transport.write(held)
+        self.hub.bytes_sent += len(held)
+        self.out.via_transport = True
+        return 0
+
     cdef int queue_rest(self, Py_ssize_t first, size_t skip) except -1:
         """Hand the unsent bytes (slices from `first`, minus `skip` bytes
         already sent) to the transport's buffer in one write, then apply
@@ -1201,7 +1259,7 @@ cdef class Connection:
         hub.bytes_sent += n
         out.via_transport = True
         out.backlog = self.transport.get_write_buffer_size()
-        if out.backlog > hub.max_backlog and not hub.drop_slow and self.state == OPEN:
+        if out.backlog > hub.hard_backlog and not hub.drop_slow and self.state == OPEN:
             self.slow_client(b"backlog limit exceeded")
         return 0
 

@@ -123,6 +123,7 @@ class RedisBackplane:
         self.queue: list[tuple[str, int, bytes]] = []
         self.queued_bytes = 0  # queued plus being published
         self.subscribed: set[bytes] = set()
+        self.unsubscribing: set[bytes] = set()  # UNSUBSCRIBE sent, not done
         self.wake_writer = asyncio.Event()
         self.rooms_changed = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
@@ -149,8 +150,17 @@ class RedisBackplane:
             self.queued_bytes += size
         self.wake_writer.set()
 
-    def room_opened(self, room: str) -> None:
+    def room_opened(self, room: str) -> bool:
+        """A room's first local member: subscribe. While connected the room
+        waits (False) for the subscription's confirmation (read_loop calls
+        hub.room_ready); without Redis there is nothing to wait for."""
         self.rooms_changed.set()
+        if not self.connected:
+            return True
+        # Still subscribed from before (the room emptied and came back before
+        # the unsubscribe): ready now, unless that unsubscribe is on its way.
+        channel = self.channel(room)
+        return channel in self.subscribed and channel not in self.unsubscribing
 
     def room_closed(self, room: str) -> None:
         self.rooms_changed.set()
@@ -249,6 +259,8 @@ class RedisBackplane:
 
     def end_session(self) -> None:
         self.connected = False
+        # No confirmation will come: rooms waiting for one go on locally.
+        self.hub.release_pending_rooms()
         # What is still queued will not reach the other processes.
         self.dropped += len(self.queue)
         self.queue = []
@@ -283,7 +295,11 @@ class RedisBackplane:
             await pubsub.subscribe(*new)
             self.subscribed |= new
         if gone:
-            await pubsub.unsubscribe(*gone)
+            self.unsubscribing = gone
+            try:
+                await pubsub.unsubscribe(*gone)
+            finally:
+                self.unsubscribing = set()
             self.subscribed -= gone
 
     async def subscription_loop(self, pubsub: PubSub) -> None:
@@ -329,8 +345,16 @@ class RedisBackplane:
         hub = self.hub
         prefix_len = len(self.prefix)
         while True:
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
-            if message is None or message["type"] != "message":
+            message = await pubsub.get_message(timeout=None)
+            if message is None:
+                continue
+            if message["type"] == "subscribe":
+                # Redis confirmed the channel: from now on every message to
+                # it reaches us, so the room's new members may be told they
+                # joined (their 101 was held until now).
+                hub.room_ready(message["channel"][prefix_len:].decode("utf-8", "replace"))
+                continue
+            if message["type"] != "message":
                 continue
             data = message["data"]
             if data[1 : 1 + ORIGIN_SIZE] == self.origin:

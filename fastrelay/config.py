@@ -319,8 +319,10 @@ class LimitsConfig:
         OptionMeta(
             "`backpressure`: when a member's backlog passes a quarter of `max_backlog`, "
             "the room's senders are read no faster than it reads (nothing is lost); a "
-            "member that makes no progress for `timeouts.slow_client` seconds or reaches "
-            "`max_backlog` is closed with 1008. `disconnect`: no slowing down, close at "
+            "member that makes no progress for `timeouts.slow_client` seconds, or whose "
+            "backlog reaches `max_backlog` plus four times `relay.max_message_size` (room "
+            "for a burst of big messages), is closed with 1008. `disconnect`: no slowing "
+            "down, close at "
             "`max_backlog`. `drop`: no slowing down, skip messages for it until its backlog "
             "drains. All are counted in the metrics.",
             choices=("backpressure", "disconnect", "drop"),

@@ -282,3 +282,53 @@ def test_a_publish_through_the_api_reaches_members_on_every_process(relay_factor
             await ws.close()
 
     run(main())
+
+
+def test_a_new_room_hears_other_processes_from_its_first_101_on(hosts, redis_server):
+    """A client joining a room that is new on its process is told it joined
+    (the 101) only once that process's subscription is confirmed: everything
+    another process's member sends after that 101 reaches it. The speaker
+    talks steadily while the listener joins, ten new rooms in a row;
+    a message lost in a subscription's first milliseconds fails the test."""
+    first, second = hosts[0], hosts[1]
+
+    async def one_room(room: str) -> None:
+        speaker = await connect(first.ws(room)).__aenter__()
+        await asyncio.to_thread(redis_server.wait_subscribers, channel(room), 1)
+        sent = [0]
+        stop = asyncio.Event()
+
+        async def talk() -> None:
+            while not stop.is_set() and sent[0] < 50_000:
+                sent[0] += 1
+                await speaker.send(str(sent[0]))
+                await asyncio.sleep(0.0005)  # pacing: a steady talker, not a flood
+
+        async def drain() -> None:
+            # The speaker hears itself (echo): keep reading, or it would
+            # hold its room back.
+            async for _ in speaker:
+                pass
+
+        talking = asyncio.create_task(talk())
+        draining = asyncio.create_task(drain())
+        while sent[0] < 20:
+            await asyncio.sleep(0)
+        listener = await connect(second.ws(room)).__aenter__()
+        joined_at = sent[0]  # everything after this was sent after the 101
+        seen = []
+        while not seen or seen[-1] < joined_at + 50:
+            seen.append(int(await recv(listener)))
+        stop.set()
+        await talking
+        draining.cancel()
+        after = [n for n in seen if n > joined_at]
+        assert after == list(range(joined_at + 1, seen[-1] + 1)), (joined_at, seen[:10])
+        await speaker.close()
+        await listener.close()
+
+    async def main():
+        for n in range(10):
+            await one_room(f"/fresh-{n}")
+
+    run(main())

@@ -168,11 +168,13 @@ def feed(conn: Connection, data: bytes, step: int = 0) -> None:
     """Deliver data as the event loop would, in reads of `step` bytes (all
     at once when 0)."""
     step = step or len(data) or 1
-    for start in range(0, len(data), step):
-        chunk = data[start : start + step]
-        buffer = conn.get_buffer(len(chunk))
+    start = 0
+    while start < len(data):
+        buffer = conn.get_buffer(step)
+        chunk = data[start : start + min(step, len(buffer))]
         buffer[: len(chunk)] = chunk
         conn.buffer_updated(len(chunk))
+        start += len(chunk)
 
 
 def client_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
@@ -576,15 +578,17 @@ def test_publish_delivers_to_the_rooms_members_once_encoded() -> None:
 class RecordingBackplane:
     """What the hub hands a backplane, recorded."""
 
-    def __init__(self) -> None:
+    def __init__(self, ready: bool = True) -> None:
         self.batches: list[list[tuple[str, int, bytes]]] = []
         self.events: list[tuple[str, str]] = []
+        self.ready = ready  # what room_opened answers: subscribed already?
 
     def send_batch(self, batch: list[tuple[str, int, bytes]]) -> None:
         self.batches.append(batch)
 
-    def room_opened(self, room: str) -> None:
+    def room_opened(self, room: str) -> bool:
         self.events.append(("opened", room))
+        return self.ready
 
     def room_closed(self, room: str) -> None:
         self.events.append(("closed", room))
@@ -665,3 +669,66 @@ def test_text_checked_as_it_arrives_is_relayed_intact(
     feed(conn, stream[start:])
     relay.loop.run_turn()
     assert frames_of(transport.take()) == [(True, Opcode.TEXT, data)]
+
+
+def test_a_new_room_holds_its_members_output_until_the_subscription_is_confirmed() -> None:
+    """Nobody hears "joined" (the 101) before messages from other processes
+    can reach them; what the room says meanwhile follows the 101, in order."""
+    relay = Relay()
+    relay.hub.backplane = RecordingBackplane(ready=False)
+    first, first_out = relay.connect()
+    feed(first, REQUEST.format(room="/new").encode())
+    second, second_out = relay.connect()
+    feed(second, REQUEST.format(room="/new").encode() + client_frame(Opcode.TEXT, b"early"))
+    relay.loop.run_turn()
+    assert first_out.writes == [] and second_out.writes == []
+    assert relay.hub.rooms["/new"].pending
+    relay.hub.room_ready("/new")
+    for transport in (first_out, second_out):
+        head, _, rest = transport.take().partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101 ")
+        assert frames_of(rest) == [(True, Opcode.TEXT, b"early")]
+    # Later output follows, in order.
+    feed(first, client_frame(Opcode.TEXT, b"later"))
+    relay.loop.run_turn()
+    assert frames_of(second_out.take()) == [(True, Opcode.TEXT, b"later")]
+
+
+def test_losing_the_backplane_releases_rooms_waiting_for_it() -> None:
+    relay = Relay()
+    relay.hub.backplane = RecordingBackplane(ready=False)
+    conn, transport = relay.connect()
+    feed(conn, REQUEST.format(room="/wait").encode())
+    relay.loop.run_turn()
+    assert transport.writes == []
+    relay.hub.release_pending_rooms()
+    assert transport.take().startswith(b"HTTP/1.1 101 ")
+    assert not relay.hub.rooms["/wait"].pending
+
+
+def test_an_empty_first_fragment_then_a_continuation() -> None:
+    """A message whose first fragment is empty: nothing to copy yet (the
+    reassembly buffer does not exist); regression for a memcpy to NULL found
+    by UBSan."""
+    relay = Relay()
+    conn, transport = relay.join()
+    feed(conn, client_frame(Opcode.BINARY, b"", fin=False))
+    feed(conn, client_frame(Opcode.CONTINUATION, b"", fin=False))
+    feed(conn, client_frame(Opcode.CONTINUATION, b"tail"))
+    relay.loop.run_turn()
+    assert frames_of(transport.take()) == [(True, Opcode.BINARY, b"tail")]
+
+
+def test_a_burst_of_big_messages_is_not_a_slow_reader() -> None:
+    """Under backpressure, one turn may queue a few whole messages beyond
+    max_backlog for a member that reads: it waits, it is not closed."""
+    relay = Relay(max_backlog=1 << 20, max_message_size=1 << 20)
+    (sender, _), (reader, reader_out) = relay.join(), relay.join()
+    reader_out.buffered = 3 << 20  # three 1 MiB messages still queued
+    feed(sender, client_frame(Opcode.BINARY, bytes(1 << 20)))
+    relay.loop.run_turn()
+    assert reader.state == State.OPEN and relay.hub.slow_disconnects == 0
+    reader_out.buffered = (5 << 20) + 1  # past max_backlog + 4 x max_message_size
+    feed(sender, client_frame(Opcode.BINARY, b"x"))
+    relay.loop.run_turn()
+    assert reader.state == State.CLOSED and relay.hub.slow_disconnects == 1

@@ -95,12 +95,13 @@ def extension(name: str) -> Extension:
     return Extension(
         f"fastrelay.{name}",
         [f"fastrelay/{name}.pyx"],
-        # The .pxd and the .pxi includes are part of the module's source.
+        # The .pxd, the .pxi includes and the C header are part of the module's source.
         depends=[
             "fastrelay/_frames.pxd",
             "fastrelay/_codec.pxi",
             "fastrelay/_utf8.pxi",
             "fastrelay/_grow.pxi",
+            "fastrelay/_compat.h",
         ],
         extra_compile_args=compile_args,
         extra_link_args=link_args,

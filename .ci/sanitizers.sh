@@ -204,14 +204,23 @@ EOF
     mkdir -p "$artifacts"
     local args=("$@")
     [ "${#args[@]}" -gt 0 ] || args=("-max_total_time=$FUZZ_SECONDS")
+    fuzzing() {  # COMMAND...: from the checkout (relative corpus and crash paths work),
+        # importing the copy. Leaks are LSan's job in the test run; libFuzzer's
+        # own leak check would stop at CPython's caches.
+        env PYTHONPATH="$src:$site" PYTHONMALLOC=malloc \
+            ASAN_OPTIONS="abort_on_error=1:detect_leaks=0" UBSAN_OPTIONS="$UBSAN_OPTS" \
+            LD_PRELOAD="$atheris_dir/asan_with_fuzzer.so $WORK/cmp_float.so" "$@"
+    }
+    local module
+    # From the harness's directory, as the harness imports (sys.path[0]).
+    module="$(cd "$src/fuzz" && fuzzing "$PY" -c 'import fastrelay._frames as m; print(m.__file__)')"
+    case "$module" in
+        "$src"/*) echo "  fuzzing $module" ;;
+        *) die "the fuzzer would import $module, not the sanitized build" ;;
+    esac
     step "atheris on fuzz/fuzz_relay.py against the sanitized build: ${args[*]}"
-    # Leaks are LSan's job in the test run; libFuzzer's own leak check would
-    # stop at CPython's caches.
-    (cd "$src" && env PYTHONPATH="$src:$site" PYTHONMALLOC=malloc \
-        ASAN_OPTIONS="abort_on_error=1:detect_leaks=0" UBSAN_OPTIONS="$UBSAN_OPTS" \
-        LD_PRELOAD="$atheris_dir/asan_with_fuzzer.so $WORK/cmp_float.so" \
-        "$PY" fuzz/fuzz_relay.py -use_value_profile=1 -artifact_prefix="$artifacts/" \
-        "${args[@]}") || die "the fuzzer stopped on a crash: see above and $artifacts/"
+    fuzzing "$PY" "$src/fuzz/fuzz_relay.py" -use_value_profile=1 -artifact_prefix="$artifacts/" \
+        "${args[@]}" || die "the fuzzer stopped on a crash: see above and $artifacts/"
 }
 
 case "${1:-all}" in

@@ -1,5 +1,19 @@
 """Coverage-guided fuzzing of fastrelay's parsers with atheris, for long
-runs outside CI (the test suite runs the hypothesis fuzzers).
+runs outside CI (the test suite runs the hypothesis fuzzers; CI runs this
+harness for a minute against the sanitizer build).
+
+Against the AddressSanitizer + UBSan build of the compiled modules, which
+is what finds memory errors in them:
+
+    bash .ci/sanitizers.sh fuzz -max_total_time=3600       # any libFuzzer arguments
+
+That builds the modules with FASTRELAY_SANITIZE=fuzz in a temp copy of the
+tree, preloads atheris' own runtime (clang's ASan + UBSan with libFuzzer,
+asan_with_fuzzer.so) and runs this file with -use_value_profile=1, so the
+compiled code's comparisons guide the search as well as the Python lines;
+crashes are written to artifacts/fuzz/. Replay one with
+`bash .ci/sanitizers.sh fuzz artifacts/fuzz/crash-<hash>`. Without the
+script (no sanitizer, Python coverage only):
 
     pip install atheris
     python fuzz/fuzz_relay.py -atheris_runs=2000000        # or -max_total_time=3600

@@ -122,8 +122,10 @@ with tarfile.open(sdist) as tar:
 
 with zipfile.ZipFile(wheel) as whl:
     names = whl.namelist()
+    modules = []  # the compiled modules' paths in the wheel, checked for debug info below
     for module in ("_frames", "_testing"):
         built = [n for n in names if n.startswith(f"fastrelay/{module}.") and n.endswith(".so")]
+        modules += built
         if len(built) != 1:
             problems.append(f"wheel: expected one compiled fastrelay/{module}*.so, found {built}")
     if "fastrelay/demo/index.html" not in names:
@@ -139,6 +141,7 @@ with zipfile.ZipFile(wheel) as whl:
     if "fastrelay = fastrelay.cli:main" not in entry_points:
         problems.append("wheel: no `fastrelay = fastrelay.cli:main` console script")
     # No debug info in the release build: list the ELF section names.
+    modules = [n for n in names if n.startswith("fastrelay/_") and n.endswith(".so")]
     for module in modules:
         elf = whl.read(module)
         if elf[:4] != b"\x7fELF" or elf[4] != 2 or elf[5] != 1:

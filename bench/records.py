@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .machine import Machine
+    from .provenance import CodeState
     from .workloads import Settings, Workload
 
 
@@ -183,4 +184,5 @@ class RunMeta:
     settings: Settings
     machine: Machine
     workloads: list[Workload]
+    code: CodeState  # the fastrelay code every fastrelay run of this run ran
     elapsed_s: float = 0.0

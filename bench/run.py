@@ -22,10 +22,11 @@ import resource
 import shlex
 import signal
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 if __package__ in (None, ""):
     # `python bench/run.py`: make the `bench` package importable.
@@ -36,6 +37,7 @@ import uvloop  # noqa: E402
 
 from bench import report, wire  # noqa: E402
 from bench.machine import machine  # noqa: E402
+from bench.provenance import CodeState, freeze_fastrelay  # noqa: E402
 from bench.records import (  # noqa: E402
     Latency,
     Measured,
@@ -159,8 +161,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def build_servers(args: argparse.Namespace) -> list[ServerSpec]:
+def build_servers(args: argparse.Namespace, fastrelay_dir: str) -> list[ServerSpec]:
     specs = dict(BUILTIN)
+    specs["fastrelay"] = replace(BUILTIN["fastrelay"], cwd=fastrelay_dir)
     custom = []
     for item in args.server_cmd:
         name, sep, cmd = item.partition("=")
@@ -185,7 +188,7 @@ def build_servers(args: argparse.Namespace) -> list[ServerSpec]:
             "unknown server(s): %s (known: %s)" % (", ".join(unknown), ", ".join(specs))
         )
     if "fastrelay" in names:
-        why = fastrelay_available()
+        why = fastrelay_available(fastrelay_dir)
         if why is not None:
             if explicit:
                 raise SystemExit("fastrelay is not runnable here: %s" % why)
@@ -334,7 +337,12 @@ async def main_async(args: argparse.Namespace) -> int:
     main_task = asyncio.current_task()
     assert main_task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
-    specs = build_servers(args)
+    with tempfile.TemporaryDirectory(prefix="fastrelay-bench-code-") as fastrelay_dir:
+        code = freeze_fastrelay(fastrelay_dir)
+        return await run_all(args, build_servers(args, fastrelay_dir), code)
+
+
+async def run_all(args: argparse.Namespace, specs: list[ServerSpec], code: CodeState) -> int:
     if not specs:
         print("no server to benchmark", file=sys.stderr)
         return 2
@@ -356,6 +364,7 @@ async def main_async(args: argparse.Namespace) -> int:
         settings=s,
         machine=machine(),
         workloads=workloads,
+        code=code,
     )
 
     def log(msg: str) -> None:
@@ -363,6 +372,7 @@ async def main_async(args: argparse.Namespace) -> int:
 
     log("fastrelay bench: %s" % meta.command)
     log("machine: %s" % meta.machine.describe())
+    log(code.describe())
     log(
         "%s; RLIMIT_NOFILE %d; servers: %s; %d repetition(s); %.1fs warmup + %.1fs measured"
         % (pin_note, meta.nofile, ", ".join(meta.servers), reps, s.warmup, s.duration)

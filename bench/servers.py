@@ -37,14 +37,13 @@ READY_RE = re.compile(r"listening on ws://(\[[^\]]+\]|[^\s:/]+):(\d+)")
 @dataclass
 class ServerSpec:
     name: str
-    # Builds the argv for a port; may create temporary files, listed in
-    # the returned cleanup paths.
     kind: str  # "fastrelay", "peer" or "command"
     template: str = ""  # peer script or command template
     port_zero: bool = True  # server accepts port 0 and prints the real port
-    note: str = ""
+    cwd: str = ROOT  # fastrelay: the directory holding the copy of the package to run
 
     def argv(self, port: int, tmpdir: str) -> list[str]:
+        """The command line for a port; fastrelay's config file goes in tmpdir."""
         if self.kind == "peer":
             return [
                 sys.executable,
@@ -76,11 +75,11 @@ BUILTIN = {
 }
 
 
-def fastrelay_available() -> Optional[str]:
-    """None if `python -m fastrelay` can be expected to work, else why not."""
+def fastrelay_available(cwd: str) -> Optional[str]:
+    """None if `python -m fastrelay` run in cwd can be expected to work, else why not."""
     r = subprocess.run(
         [sys.executable, "-c", "import fastrelay.server"],
-        cwd=ROOT,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=60,
@@ -139,27 +138,18 @@ class ServerProcess:
     last_stderr: list = field(default_factory=list)
 
     def start(self, timeout: float = 60.0) -> "ServerProcess":
-        self._tmpdir = tempfile.TemporaryDirectory(prefix="fastrelay-bench-")
+        # fastrelay and the peers take port 0 and print the port they got.
         port = 0 if self.spec.port_zero else free_port()
-        try:
-            self._launch(port, timeout)
-        except ServerError:
-            if port != 0 or self.spec.kind != "fastrelay":
-                raise
-            # A config validator may refuse port 0; retry on a chosen port.
-            self.stop()
-            self._launch(free_port(), timeout)
-        return self
-
-    def _launch(self, port: int, timeout: float) -> None:
-        argv = self.spec.argv(port, self._tmpdir.name)
-        self.stderr_path = os.path.join(self._tmpdir.name, "stderr-%d.log" % port)
+        tmpdir = tempfile.TemporaryDirectory(prefix="fastrelay-bench-")
+        self._tmpdir = tmpdir
+        argv = self.spec.argv(port, tmpdir.name)
+        self.stderr_path = os.path.join(tmpdir.name, "stderr-%d.log" % port)
         err = open(self.stderr_path, "wb")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         try:
             self.proc = subprocess.Popen(
                 argv,
-                cwd=ROOT,
+                cwd=self.spec.cwd,
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
@@ -207,7 +197,7 @@ class ServerProcess:
                 self.port = int(m.group(2))
                 if self.port == 0:
                     raise ServerError("%s printed port 0: %r" % (self.spec.name, line))
-                return
+                return self
 
     def _diag(self) -> str:
         out = list(self.stdout_tail)[-5:]

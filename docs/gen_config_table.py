@@ -30,6 +30,8 @@ def _yaml_value(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, tuple):
         return "[" + ", ".join(value) + "]"
+    if value == "":
+        return '""'  # an empty code span would show as two backticks
     return str(value)
 
 

@@ -111,6 +111,19 @@ cdef inline void unmask(uint8_t *data, size_t n, uint32_t mask) noexcept nogil:
         i += 1
 
 
+cdef inline void unmask_from(uint8_t *data, size_t n, uint32_t mask,
+                             size_t offset) noexcept nogil:
+    """Unmask bytes that start `offset` bytes into the payload: the key
+    rotates with the position (section 5.3: byte i uses key[i % 4])."""
+    cdef const uint8_t *key = <const uint8_t *>&mask
+    cdef uint8_t rotated[4]
+    cdef int i
+    for i in range(4):
+        rotated[i] = key[(offset + i) & 3]
+    memcpy(&mask, rotated, 4)
+    unmask(data, n, mask)
+
+
 cdef inline size_t write_header(uint8_t *out, uint8_t first, uint64_t n) noexcept nogil:
     """Server frame header: unmasked (section 5.1), minimal length form."""
     out[0] = first

@@ -53,6 +53,7 @@ cdef struct Inbox:
     size_t need                    # size of the frame being waited for
     Py_ssize_t shared_offset       # where the last read went in the shared buffer; -1: data
     Py_ssize_t scan_from           # handshake: where the search for the head's end resumes
+    bint paused                    # reading paused: its room waits for a slow member
 
 
 cdef struct Message:
@@ -60,6 +61,10 @@ cdef struct Message:
     uint8_t opcode                 # 0: none in progress
     bint compressed                # its first frame had RSV1 (RFC 7692)
     uint32_t utf8_state            # validator state across fragments
+    # A text frame still arriving: payload bytes unmasked and validated so
+    # far, and the validator state after them.
+    size_t checked
+    uint32_t checked_state
     char *data
     size_t len
     size_t cap
@@ -71,15 +76,26 @@ cdef struct Outbox:
     Py_ssize_t count
     size_t cap
     bint dirty                     # in the hub's dirty list
-    bint close_after_flush         # close the transport once written
+    bint finish_after_flush        # end our side (finish()) once written
     bint via_transport             # the transport still holds bytes of ours
     Py_ssize_t backlog             # bytes in the transport's buffer, last seen
+    bint congested                 # over the high-water mark: its room's senders wait
+    Py_ssize_t stall_mark          # backpressure: buffered bytes at the last progress check
+    double stall_deadline          # backpressure: next progress check
 
 
 cdef struct RateWindow:
     # Messages counted in the hub's current one-second window.
     unsigned long long epoch
     Py_ssize_t count
+
+
+cdef struct FastRequest:
+    # An upgrade request scan_upgrade (_upgrade.pxi) proved ordinary.
+    size_t consumed                # bytes of the head, the blank line included
+    size_t path_start              # the room: the target up to '?'
+    size_t path_end
+    size_t key_start               # Sec-WebSocket-Key's 24 characters
 
 
 cdef struct Registry:
@@ -97,6 +113,11 @@ cdef class Room:
     cdef readonly str name
     cdef Registry members
     cdef Py_ssize_t deflate_members    # how many negotiated permessage-deflate
+    cdef Py_ssize_t deflate_windows[16]  # of those, how many per server window (9..15 bits)
+    cdef Py_ssize_t congested          # members over the high-water mark; > 0: reading paused
+
+    cdef int pause_reading(self) except -1
+    cdef int resume_reading(self) except -1
 
     cdef int add(self, Connection c) except -1
     cdef void remove(self, Connection c) noexcept
@@ -107,11 +128,22 @@ cdef class Hub:
     # Settings.
     cdef object loop
     cdef readonly object gate          # decides on upgrade requests (upgrade.Gate)
+    # The common upgrade in C (scan_upgrade) when the gate allows it, with the
+    # limits it checks; the rest goes to the gate.
+    cdef public bint fast_upgrade
+    cdef public Py_ssize_t max_connections
+    cdef public Py_ssize_t max_request_head
+    cdef public Py_ssize_t max_headers
+    cdef public bint compression
     cdef public object close_log       # None, or called with (conn, code, reason, by_peer)
+    cdef public object backplane       # None, or shares rooms with other processes
+    cdef list outgoing                 # this turn's local messages for the backplane
     cdef readonly bint echo
     cdef readonly Py_ssize_t max_message_size
     cdef readonly Py_ssize_t max_backlog
     cdef readonly bint drop_slow
+    cdef readonly bint backpressure    # slow_client_policy "backpressure"
+    cdef readonly double slow_client_timeout
     cdef readonly Py_ssize_t max_rate
     cdef readonly double handshake_timeout
     cdef readonly double close_timeout
@@ -137,6 +169,7 @@ cdef class Hub:
     cdef size_t arena_len
     cdef size_t arena_cap
     cdef Registry dirty
+    cdef Registry held                 # senders not read again until the flush
     cdef object flush_callback
 
     # One read buffer shared by all connections.
@@ -160,13 +193,15 @@ cdef class Hub:
     cdef size_t arena_reserve(self, size_t n) except? 0
     cdef size_t encode(self, uint8_t first, const char *payload, size_t n,
                        size_t *length) except? 0
-    cdef size_t encode_compressed(self, uint8_t opcode, const char *payload, size_t n,
-                                  size_t *length) except? 0
+    cdef size_t encode_compressed(self, uint8_t opcode, int window, const char *payload,
+                                  size_t n, size_t *length) except? 0
     cdef int mark_dirty(self, Connection c) except -1
     cdef Py_ssize_t broadcast(self, Room room, Connection sender, uint8_t opcode,
                               const char *payload, size_t n) except -1
     cdef int expire(self, double now) except -1
     cdef int keepalive(self, double now) except -1
+    cdef void release_held(self) noexcept
+    cdef void share_outgoing(self) noexcept
     cdef void shrink_arena(self) noexcept
 
 
@@ -184,11 +219,12 @@ cdef class Connection:
     # Lifecycle.
     cdef readonly State state
     cdef readonly bint deflate         # permessage-deflate negotiated
+    cdef readonly uint8_t deflate_window  # our LZ77 window for it, 9..15 bits (RFC 7692 7.1.2.1)
     cdef readonly bint read_only       # may join but not send (the gate said so)
     cdef readonly double expires_at    # closed with 1008 at this time; 0: never
     cdef readonly int close_code       # what was sent or received, for logs
     cdef readonly double deadline      # handshake or close deadline; 0: none
-    cdef readonly bint ping_outstanding
+    cdef Py_ssize_t linger_budget      # bytes still discarded after our close; then a reset
 
     # Input, the message being reassembled, output, and the rate window.
     cdef Inbox inbox
@@ -198,12 +234,16 @@ cdef class Connection:
 
     cdef int handshake_step(self) except -1
     cdef int open(self, object accept) except -1
+    cdef int open_fast(self, FastRequest *req) except -1
+    cdef int join(self, str room_name, Py_ssize_t consumed) except -1
     cdef int respond_and_close(self, bytes response) except -1
     cdef size_t parse(self, char *data, size_t total) except? 0
     cdef int relay_compressed(self, const char *payload, size_t n) except -1
     cdef inline bint over_rate(self) noexcept
     cdef int keep_rest(self, char *data, size_t total, size_t used) except -1
     cdef int append_fragment(self, const uint8_t *payload, size_t n) except -1
+    cdef bint check_partial_text(self, uint8_t opcode, bint rsv1, uint32_t mask,
+                                 uint8_t *payload, size_t avail) noexcept
     cdef void release_fragments(self) noexcept
     cdef int on_close_frame(self, const uint8_t *payload, size_t n) except -1
     cdef int fail(self, int code, const char *reason) except -1
@@ -217,5 +257,8 @@ cdef class Connection:
     cdef int write_pending(self) except -1
     cdef int queue_rest(self, Py_ssize_t first, size_t skip) except -1
     cdef int drop_broken(self) except -1
-    cdef int slow_client(self) except -1
+    cdef int slow_client(self, bytes reason) except -1
+    cdef int congestion_check(self, double now) except -1
+    cdef int set_reading(self, bint paused) except -1
+    cdef int finish(self) except -1
     cdef int close_transport(self) except -1

@@ -32,6 +32,13 @@ class _Gate(Protocol):
     # Returns a handshake.Incomplete, Accept or Refuse.
     def decide(self, head: memoryview, scan_from: int, conn: Connection) -> Any: ...
 
+class _Backplane(Protocol):
+    # Called once per loop turn with (room, opcode, payload) of every local
+    # message of the turn, in order.
+    def send_batch(self, batch: list[tuple[str, int, bytes]]) -> None: ...
+    def room_opened(self, room: str) -> None: ...
+    def room_closed(self, room: str) -> None: ...
+
 class _EventLike(Protocol):
     def set(self) -> None: ...
 
@@ -41,13 +48,21 @@ class Room:
 
 class Hub:
     gate: _Gate | None
+    fast_upgrade: bool
+    max_connections: int
+    max_request_head: int
+    max_headers: int
+    compression: bool
     close_log: Callable[[Connection, int, str, bool], None] | None
+    backplane: _Backplane | None
     all_gone: _EventLike | None
     rooms: dict[str, Room]
     echo: bool
     max_message_size: int
     max_backlog: int
     drop_slow: bool
+    backpressure: bool
+    slow_client_timeout: float
     max_rate: int
     handshake_timeout: float
     close_timeout: float
@@ -75,6 +90,7 @@ class Hub:
         close_timeout: float = ...,
         ping_interval: float = ...,
         ping_timeout: float = ...,
+        slow_client_timeout: float = ...,
     ) -> None: ...
     def counters(self) -> dict[str, Any]: ...
     def sweep(self, now: float) -> int: ...
@@ -82,6 +98,7 @@ class Hub:
     def abort_all(self) -> None: ...
     def flush(self) -> None: ...
     def publish(self, room_name: str, text: bool, payload: bytes) -> int: ...
+    def deliver(self, room_name: str, opcode: int, payload: bytes | memoryview) -> int: ...
 
 class Connection(asyncio.BufferedProtocol):
     hub: Hub

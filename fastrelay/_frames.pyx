@@ -26,6 +26,7 @@ window) is ``Hub.sweep``, which the server calls a few times a second.
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.ref cimport PyObject, Py_DECREF, Py_INCREF
+from cpython.unicode cimport PyUnicode_DecodeASCII
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memmove
@@ -37,6 +38,7 @@ from fastrelay.handshake import Accept, Incomplete
 include "_codec.pxi"
 include "_utf8.pxi"
 include "_grow.pxi"
+include "_upgrade.pxi"
 
 
 cdef extern from "Python.h":
@@ -88,6 +90,10 @@ DEF SHARED_READ_SIZE = 262144
 # needed more.
 DEF ARENA_START = 65536
 DEF ARENA_KEEP = 4194304
+# After our close frame, at most LINGER_FACTOR x max(max_message_size,
+# LINGER_MIN) bytes from the client are read and dropped before a reset.
+DEF LINGER_FACTOR = 8
+DEF LINGER_MIN = 1048576
 # A reassembly buffer larger than this is freed after its message.
 DEF MESSAGE_KEEP = 65536
 # permessage-deflate: messages shorter than this go uncompressed (RSV1 clear,
@@ -117,6 +123,22 @@ cdef class Room:
     cdef int add(self, Connection c) except -1:
         c.room_index = registry_push(&self.members, c)
         self.deflate_members += c.deflate
+        if c.deflate:
+            self.deflate_windows[c.deflate_window] += 1
+        return 0
+
+    cdef int pause_reading(self) except -1:
+        """Backpressure: a member fell behind, so no member is read (each may
+        be a sender); TCP then pushes back on the senders."""
+        cdef Py_ssize_t i
+        for i in range(self.members.count):
+            (<Connection>self.members.items[i]).set_reading(True)
+        return 0
+
+    cdef int resume_reading(self) except -1:
+        cdef Py_ssize_t i
+        for i in range(self.members.count):
+            (<Connection>self.members.items[i]).set_reading(False)
         return 0
 
     cdef void remove(self, Connection c) noexcept:
@@ -129,6 +151,8 @@ cdef class Room:
             (<Connection>moved).room_index = i
         c.room_index = -1
         self.deflate_members -= c.deflate
+        if c.deflate:
+            self.deflate_windows[c.deflate_window] -= 1
         Py_DECREF(c)
 
 
@@ -139,21 +163,28 @@ cdef class Hub:
 
     def __init__(self, loop, gate=None, *, bint echo=True,
                  Py_ssize_t max_message_size=1048576, Py_ssize_t max_backlog=1048576,
-                 str slow_client_policy="disconnect", Py_ssize_t max_messages_per_second=0,
+                 str slow_client_policy="backpressure", Py_ssize_t max_messages_per_second=0,
                  double handshake_timeout=10.0, double close_timeout=5.0,
-                 double ping_interval=20.0, double ping_timeout=20.0):
-        if slow_client_policy not in ("disconnect", "drop"):
-            raise ValueError("slow_client_policy must be 'disconnect' or 'drop'")
+                 double ping_interval=20.0, double ping_timeout=20.0,
+                 double slow_client_timeout=5.0):
+        if slow_client_policy not in ("backpressure", "disconnect", "drop"):
+            raise ValueError(
+                "slow_client_policy must be 'backpressure', 'disconnect' or 'drop'")
         self.loop = loop
         self.gate = gate
         self.flush_callback = self.flush
         self.rooms = {}
         self.closes = {}
+        self.outgoing = []
         self.echo = echo
         self.max_message_size = max_message_size
         self.max_backlog = max_backlog
         self.drop_slow = slow_client_policy == "drop"
+        self.backpressure = slow_client_policy == "backpressure"
+        self.slow_client_timeout = slow_client_timeout
         self.max_rate = max_messages_per_second
+        self.max_request_head = 8192
+        self.max_headers = 64
         self.handshake_timeout = handshake_timeout
         self.close_timeout = close_timeout
         self.ping_interval = ping_interval
@@ -174,7 +205,10 @@ cdef class Hub:
             Py_DECREF(<object>self.dirty.items[i])
         for i in range(self.clients.count):
             Py_DECREF(<object>self.clients.items[i])
+        for i in range(self.held.count):
+            Py_DECREF(<object>self.held.items[i])
         free(self.dirty.items)
+        free(self.held.items)
         free(self.clients.items)
         free(self.arena)
         # shared_view is never handed out beyond a single read.
@@ -227,10 +261,15 @@ cdef class Hub:
         expired = []
         for i in range(self.clients.count):
             c = <Connection>self.clients.items[i]
-            if (c.deadline != 0 and c.deadline <= now) or (
+            if c.out.congested and now >= c.out.stall_deadline:
+                expired.append(c)
+            elif (c.deadline != 0 and c.deadline <= now) or (
                     c.expires_at != 0 and c.expires_at <= now and c.state == OPEN):
                 expired.append(c)
         for c in expired:
+            if c.out.congested:
+                c.congestion_check(now)
+                continue
             if c.state == OPEN and c.expires_at != 0 and c.expires_at <= now:
                 # The access the client was given has run out.
                 c.start_close(POLICY_VIOLATION, "token expired")
@@ -272,7 +311,7 @@ cdef class Hub:
             elif c.state == HANDSHAKE:
                 c.state = CLOSED
                 c.deadline = self.now + self.close_timeout
-                c.close_transport()
+                c.finish()
 
     def abort_all(self):
         """Drop every connection now (the shutdown timeout passed)."""
@@ -308,12 +347,13 @@ cdef class Hub:
         length[0] = hlen + n
         return offset
 
-    cdef size_t encode_compressed(self, uint8_t opcode, const char *payload, size_t n,
-                                  size_t *length) except? 0:
+    cdef size_t encode_compressed(self, uint8_t opcode, int window, const char *payload,
+                                  size_t n, size_t *length) except? 0:
         """RFC 7692 section 7.2.1 without context takeover: deflate the
-        message on its own, drop the 00 00 ff ff tail, set RSV1. Sets
-        *length to 0 when compression does not make it smaller."""
-        deflater = zlib.compressobj(COMPRESS_LEVEL, zlib.DEFLATED, -15)
+        message on its own with a `window`-bit LZ77 window, drop the 00 00
+        ff ff tail, set RSV1. Sets *length to 0 when compression does not
+        make it smaller."""
+        deflater = zlib.compressobj(COMPRESS_LEVEL, zlib.DEFLATED, -window)
         data = deflater.compress(PyBytes_FromStringAndSize(payload, n))
         data += deflater.flush(zlib.Z_SYNC_FLUSH)
         cdef size_t zn = len(data) - 4
@@ -339,12 +379,26 @@ cdef class Hub:
         cdef Connection m
         cdef Py_ssize_t i
         cdef size_t delivered = 0
-        cdef size_t length, zlength = 0
+        cdef size_t length
         cdef size_t offset = self.encode(0x80 | opcode, payload, n, &length)
-        cdef size_t zoffset = 0
-        if room.deflate_members and n >= COMPRESS_MIN:
-            zoffset = self.encode_compressed(opcode, payload, n, &zlength)
+        # Compressed once per server window present in the room (0: that
+        # window's members get the plain frame).
+        cdef size_t zoffset[16]
+        cdef size_t zlength[16]
+        cdef bint compressed = room.deflate_members and n >= COMPRESS_MIN
+        cdef int window
+        if compressed:
+            for window in range(9, 16):
+                zlength[window] = 0
+                if room.deflate_windows[window]:
+                    zoffset[window] = self.encode_compressed(opcode, window, payload, n,
+                                                             &zlength[window])
         self.messages += 1
+        if self.backplane is not None and sender is not None:
+            # One copy per message (not per member), published once per turn.
+            if not self.outgoing and self.dirty.count == 0:
+                self.loop.call_soon(self.flush_callback)
+            self.outgoing.append((room.name, opcode, PyBytes_FromStringAndSize(payload, n)))
         for i in range(room.members.count):
             m = <Connection>room.members.items[i]
             if m is sender and not self.echo:
@@ -352,8 +406,8 @@ cdef class Hub:
             if self.drop_slow and m.out.backlog > self.max_backlog and m.refresh_backlog():
                 self.slow_drops += 1
                 continue
-            if zlength and m.deflate:
-                m.append_slice(zoffset, zlength)
+            if compressed and m.deflate and zlength[m.deflate_window]:
+                m.append_slice(zoffset[m.deflate_window], zlength[m.deflate_window])
             else:
                 m.append_slice(offset, length)
             delivered += 1
@@ -362,16 +416,33 @@ cdef class Hub:
 
     def publish(self, str room_name, bint text, payload):
         """Deliver one message from outside the room (the HTTP publish API)
-        to its local members, encoded once like any other; returns how many
-        members got it (0 when the room has none here)."""
+        to its local members, encoded once like any other, and through the
+        backplane to other processes; returns how many local members got
+        it (0 when the room has none here)."""
         cdef Room room = self.rooms.get(room_name)
         cdef bytes data = bytes(payload)
+        cdef int opcode = TEXT if text else BINARY
         if len(data) > self.max_message_size:
             raise ValueError("message larger than relay.max_message_size")
+        if self.backplane is not None:
+            if not self.outgoing and self.dirty.count == 0:
+                self.loop.call_soon(self.flush_callback)
+            self.outgoing.append((room_name, opcode, data))
         if room is None:
             return 0
-        return self.broadcast(room, None, TEXT if text else BINARY,
-                              PyBytes_AS_STRING(data), len(data))
+        return self.broadcast(room, None, opcode, PyBytes_AS_STRING(data), len(data))
+
+    def deliver(self, str room_name, int opcode, payload):
+        """A message another process relayed (from the backplane): to the
+        local members of its room, encoded once into this turn's arena like
+        a local one, and not published again. Returns the deliveries."""
+        cdef Room room = self.rooms.get(room_name)
+        cdef const unsigned char[::1] data = payload
+        if room is None or (opcode != TEXT and opcode != BINARY):
+            return 0
+        if data.shape[0] == 0:
+            return self.broadcast(room, None, opcode, b"", 0)
+        return self.broadcast(room, None, opcode, <const char *>&data[0], data.shape[0])
 
     def flush(self):
         """Write every dirty connection's slices: one write each."""
@@ -385,11 +456,11 @@ cdef class Hub:
                 c = <Connection>self.dirty.items[i]
                 c.out.dirty = False
                 try:
-                    if c.state != CLOSED or c.out.close_after_flush:
+                    if c.state != CLOSED or c.out.finish_after_flush:
                         c.write_pending()
-                    if c.out.close_after_flush:
-                        c.out.close_after_flush = False
-                        c.close_transport()
+                    if c.out.finish_after_flush:
+                        c.out.finish_after_flush = False
+                        c.finish()
                 except Exception as exc:
                     # One connection's failure must not cost the others
                     # their writes: drop it and report.
@@ -405,10 +476,45 @@ cdef class Hub:
             for i in range(self.dirty.count):
                 Py_DECREF(<object>self.dirty.items[i])
             self.dirty.count = 0
+            if self.held.count:
+                self.release_held()
+            if self.outgoing:
+                self.share_outgoing()
             self.arena_len = 0
             if self.arena_cap > ARENA_KEEP:
                 # A turn of big messages grew it: give the memory back.
                 self.shrink_arena()
+
+    cdef void release_held(self) noexcept:
+        """Read the senders held for this turn again, unless their room is
+        waiting for a slow member (then the room resumes them)."""
+        cdef Py_ssize_t i
+        cdef Connection c
+        for i in range(self.held.count):
+            c = <Connection>self.held.items[i]
+            if c.room is None or c.room.congested == 0:
+                try:
+                    c.set_reading(False)
+                except Exception as exc:
+                    self.loop.call_exception_handler({
+                        "message": "fastrelay: could not resume reading a connection",
+                        "exception": exc,
+                    })
+            Py_DECREF(c)
+        self.held.count = 0
+
+    cdef void share_outgoing(self) noexcept:
+        """Hand this turn's local messages to the backplane in one batch; a
+        failure there never costs local delivery."""
+        batch = self.outgoing
+        self.outgoing = []
+        try:
+            self.backplane.send_batch(batch)
+        except Exception as exc:
+            self.loop.call_exception_handler({
+                "message": "fastrelay: backplane publish failed",
+                "exception": exc,
+            })
 
     cdef void shrink_arena(self) noexcept:
         cdef char *smaller = <char *>realloc(self.arena, ARENA_KEEP)
@@ -460,6 +566,14 @@ cdef class Connection:
             self.direct = transport.get_extra_info("sslcontext") is None
         self.client_index = registry_push(&hub.clients, self)
         self.deadline = hub.now + hub.handshake_timeout
+        if hub.backpressure:
+            # pause_writing() above a quarter of max_backlog, resume_writing()
+            # once under a sixteenth: the hysteresis keeps a room from
+            # flapping between paused and running.
+            transport.set_write_buffer_limits(hub.max_backlog // 4, hub.max_backlog // 16)
+        # Spent only once closed: see buffer_updated.
+        self.linger_budget = LINGER_FACTOR * (hub.max_message_size if hub.max_message_size >
+                                              LINGER_MIN else LINGER_MIN)
 
     def connection_lost(self, exc):
         cdef Hub hub = self.hub
@@ -478,7 +592,7 @@ cdef class Connection:
         self.direct = False
         self.deadline = 0
         self.out.count = 0
-        self.out.close_after_flush = False
+        self.out.finish_after_flush = False
         self.transport = None
         if 0 <= i < hub.clients.count and hub.clients.items[i] == <PyObject *>self:
             moved = registry_take(&hub.clients, i)
@@ -495,10 +609,30 @@ cdef class Connection:
         return None
 
     def pause_writing(self):
-        pass
+        """The transport holds more than the high-water mark for this
+        member: its room's senders wait (backpressure policy)."""
+        cdef Hub hub = self.hub
+        cdef Room room = self.room
+        if not hub.backpressure or self.out.congested or room is None:
+            return
+        self.out.congested = True
+        self.out.stall_mark = self.transport.get_write_buffer_size()
+        self.out.stall_deadline = hub.now + hub.slow_client_timeout
+        room.congested += 1
+        if room.congested == 1:
+            room.pause_reading()
 
     def resume_writing(self):
-        pass
+        """Drained below the low-water mark: when no member of the room is
+        behind any more, its members are read again."""
+        cdef Room room = self.room
+        if not self.out.congested:
+            return
+        self.out.congested = False
+        if room is not None:
+            room.congested -= 1
+            if room.congested == 0:
+                room.resume_reading()
 
     def get_buffer(self, Py_ssize_t sizehint):
         cdef size_t want
@@ -524,11 +658,19 @@ cdef class Connection:
                                        PyBUF_WRITE)
 
     def buffer_updated(self, Py_ssize_t nbytes):
+        cdef Hub hub = self.hub
         cdef char *data
         cdef size_t total, used
-        self.hub.bytes_received += nbytes
+        hub.bytes_received += nbytes
         if self.state == CLOSED:
+            # Lingering after our close (RFC 6455 section 7.1.1): what the
+            # client still sends is read and dropped, so that closing the
+            # socket never meets unread bytes (which the kernel would answer
+            # with a reset that destroys our close frame in flight).
             self.inbox.len = 0
+            self.linger_budget -= nbytes
+            if self.linger_budget < 0:
+                self.abort()
             return
         if self.inbox.shared_offset >= 0:
             data = self.hub.shared_read
@@ -543,12 +685,31 @@ cdef class Connection:
             return
         used = self.parse(data, total)
         self.keep_rest(data, total, used)
+        if (hub.backpressure and not self.inbox.paused
+                and hub.arena_len > <size_t>hub.max_backlog // 4):
+            # The event loop may read a socket many times before the flush:
+            # past a quarter of max_backlog in this turn, this sender waits
+            # for the flush, so no member gets more than that in one turn
+            # before backpressure can act.
+            self.set_reading(True)
+            registry_push(&hub.held, self)
 
     # -- the upgrade -------------------------------------------------------------
 
     cdef int handshake_step(self) except -1:
-        """Ask the gate about the request bytes so far and act on its
-        decision. The view is released before acting: the buffer may move."""
+        """The common case in C (scan_upgrade, when the gate allows it: no
+        access checks or origin list, not logging at debug); otherwise, or
+        when the scan defers, ask the gate about the request bytes so far
+        and act on its decision. The view is released before acting: the
+        buffer may move."""
+        cdef Hub hub = self.hub
+        cdef FastRequest req
+        if (hub.fast_upgrade
+                and scan_upgrade(<const uint8_t *>self.inbox.data, self.inbox.len,
+                                 hub.max_request_head, hub.max_headers, hub.compression, &req)
+                and (hub.max_connections == 0 or hub.connected < hub.max_connections)
+                and hub.gate.accepting):
+            return self.open_fast(&req)
         view = PyMemoryView_FromMemory(self.inbox.data, self.inbox.len, PyBUF_READ)
         try:
             decision = self.hub.gate.decide(view, self.inbox.scan_from, self)
@@ -563,27 +724,50 @@ cdef class Connection:
         return 0
 
     cdef int open(self, object accept) except -1:
-        """Act on an Accept: send its 101 response, join its room, and parse
-        whatever frames followed the request in the same read (none are
-        lost)."""
-        cdef Hub hub = self.hub
-        cdef Room room
-        cdef str room_name = accept.room
+        """Act on an Accept: send its 101 response and join its room."""
         cdef bytes response = accept.response
-        cdef Py_ssize_t consumed = accept.consumed
-        cdef size_t rest, used
         self.send_raw(PyBytes_AS_STRING(response), len(response))
-        self.state = OPEN
-        self.deadline = 0
         self.deflate = accept.deflate
+        self.deflate_window = accept.deflate_window
         self.read_only = accept.read_only
         self.expires_at = accept.expires_at
+        return self.join(accept.room, accept.consumed)
+
+    cdef int open_fast(self, FastRequest *req) except -1:
+        """An ordinary upgrade proved valid by scan_upgrade: the 101 written
+        straight into the arena, no Python object but the room's name."""
+        cdef Hub hub = self.hub
+        cdef const char *head = self.inbox.data
+        cdef str room_name = PyUnicode_DecodeASCII(head + req.path_start,
+                                                   req.path_end - req.path_start, NULL)
+        cdef size_t n = SWITCHING_LEN + ACCEPT_LEN + 4
+        cdef size_t offset = hub.arena_reserve(n)
+        cdef char *out = hub.arena + offset
+        memcpy(out, SWITCHING, SWITCHING_LEN)
+        accept_token(<const uint8_t *>head + req.key_start, out + SWITCHING_LEN)
+        memcpy(out + SWITCHING_LEN + ACCEPT_LEN, b"\r\n\r\n", 4)
+        self.append_slice(offset, n)
+        self.deflate_window = 15
+        return self.join(room_name, req.consumed)
+
+    cdef int join(self, str room_name, Py_ssize_t consumed) except -1:
+        """Open: join the room, and parse whatever frames followed the
+        request head in the same read (none are lost)."""
+        cdef Hub hub = self.hub
+        cdef Room room
+        cdef size_t rest, used
+        self.state = OPEN
+        self.deadline = 0
         room = hub.rooms.get(room_name)
         if room is None:
             room = Room(room_name)
             hub.rooms[room_name] = room
+            if hub.backplane is not None:
+                hub.backplane.room_opened(room_name)
         room.add(self)
         self.room = room
+        if room.congested:
+            self.set_reading(True)
         hub.connected += 1
         hub.connections_total += 1
         rest = self.inbox.len - consumed
@@ -601,7 +785,7 @@ cdef class Connection:
         self.state = CLOSED
         self.inbox.len = 0
         self.deadline = self.hub.now + self.hub.close_timeout
-        self.out.close_after_flush = True
+        self.out.finish_after_flush = True
         self.hub.mark_dirty(self)
         return 0
 
@@ -614,7 +798,7 @@ cdef class Connection:
         cdef size_t pos = 0
         cdef uint8_t *p
         cdef uint8_t *payload
-        cdef size_t n
+        cdef size_t n, checked
         cdef Hub hub = self.hub
         cdef Message *msg = &self.message
         self.inbox.need = 0
@@ -634,10 +818,21 @@ cdef class Connection:
                     return total
             if total - pos - hlen < h.length:
                 self.inbox.need = hlen + h.length
+                if self.state == OPEN and not self.check_partial_text(
+                        h.opcode, h.rsv1, h.mask, p + hlen, total - pos - hlen):
+                    self.fail(INVALID_PAYLOAD_DATA, b"invalid UTF-8")
+                    return total
                 break
             n = h.length
             payload = p + hlen
-            unmask(payload, n, h.mask)
+            checked = msg.checked
+            if checked:
+                # The start of this text frame was unmasked and validated
+                # while it arrived (check_partial_text): only the rest now.
+                msg.checked = 0
+                unmask_from(payload + checked, n - checked, h.mask, checked)
+            else:
+                unmask(payload, n, h.mask)
             pos += hlen + n
             if self.state == CLOSING and h.opcode != CLOSE:
                 # Section 5.5.1: after our close, only the peer's close
@@ -678,7 +873,9 @@ cdef class Connection:
                 msg.utf8_state = UTF8_ACCEPT
             if msg.opcode == TEXT and not msg.compressed:
                 # Fail at the first invalid byte, not at the end (section 8.1).
-                if utf8_feed(&msg.utf8_state, payload, n) < 0 or (
+                if checked:
+                    msg.utf8_state = msg.checked_state
+                if utf8_feed(&msg.utf8_state, payload + checked, n - checked) < 0 or (
                         h.fin and msg.utf8_state != UTF8_ACCEPT):
                     self.fail(INVALID_PAYLOAD_DATA, b"invalid UTF-8")
                     return total
@@ -753,6 +950,29 @@ cdef class Connection:
         inbox.len = rest
         return 0
 
+    cdef bint check_partial_text(self, uint8_t opcode, bint rsv1, uint32_t mask,
+                                 uint8_t *payload, size_t avail) noexcept:
+        """A text frame still arriving: unmask and validate the bytes that
+        are here, so invalid UTF-8 closes the connection at once (RFC 6455
+        section 8.1) instead of after the whole frame. Only for a frame in
+        a valid place (starting a message, or continuing a text one), so
+        that sequencing errors keep their own close code. False: invalid."""
+        cdef Message *msg = &self.message
+        if rsv1 or avail <= msg.checked:
+            return True
+        if opcode == TEXT and msg.opcode == 0:
+            if msg.checked == 0:
+                msg.checked_state = UTF8_ACCEPT
+        elif not (opcode == CONTINUATION and msg.opcode == TEXT and not msg.compressed):
+            return True
+        elif msg.checked == 0:
+            msg.checked_state = msg.utf8_state
+        unmask_from(payload + msg.checked, avail - msg.checked, mask, msg.checked)
+        if utf8_feed(&msg.checked_state, payload + msg.checked, avail - msg.checked) < 0:
+            return False
+        msg.checked = avail
+        return True
+
     cdef int append_fragment(self, const uint8_t *payload, size_t n) except -1:
         cdef Message *msg = &self.message
         grow(<void **>&msg.data, &msg.cap, msg.len + n, 1, 4096)
@@ -794,7 +1014,7 @@ cdef class Connection:
         # Section 7.1.1: the server closes the TCP connection first; if the
         # peer never reads, the close deadline drops it.
         self.deadline = hub.now + hub.close_timeout
-        self.out.close_after_flush = True
+        self.out.finish_after_flush = True
         hub.mark_dirty(self)
         self.closed(code, PyBytes_FromStringAndSize(<char *>payload + 2, n - 2).decode()
                     if n >= 2 else "", True)
@@ -806,7 +1026,7 @@ cdef class Connection:
             self.hub.protocol_errors += 1
         self.start_close(code, reason.decode())
         self.state = CLOSED
-        self.out.close_after_flush = True
+        self.out.finish_after_flush = True
         self.hub.mark_dirty(self)
         return 0
 
@@ -852,10 +1072,18 @@ cdef class Connection:
             return 0
         room.remove(self)
         self.room = None
+        if self.out.congested:
+            self.out.congested = False
+            room.congested -= 1
+            if room.congested == 0:
+                room.resume_reading()
+        self.set_reading(False)
         hub.connected -= 1
         hub.disconnections_total += 1
         if room.members.count == 0 and hub.rooms.get(room.name) is room:
             del hub.rooms[room.name]
+            if hub.backplane is not None:
+                hub.backplane.room_closed(room.name)
         return 0
 
     # -- output --------------------------------------------------------------------
@@ -974,23 +1202,22 @@ cdef class Connection:
         out.via_transport = True
         out.backlog = self.transport.get_write_buffer_size()
         if out.backlog > hub.max_backlog and not hub.drop_slow and self.state == OPEN:
-            self.slow_client()
+            self.slow_client(b"backlog limit exceeded")
         return 0
 
     cdef int drop_broken(self) except -1:
         if self.room is not None:
             self.leave_room()
         self.state = CLOSED
-        self.out.close_after_flush = False
+        self.out.finish_after_flush = False
         self.transport.abort()
         return 0
 
-    cdef int slow_client(self) except -1:
-        """Backlog over the limit under the disconnect policy: a 1008 close
-        frame behind what is queued; the close deadline resets the
-        connection if it never drains."""
+    cdef int slow_client(self, bytes reason) except -1:
+        """A member too far behind (backlog over the limit, or no progress
+        under backpressure): a 1008 close frame behind what is queued; the
+        close deadline resets the connection if it never drains."""
         cdef Hub hub = self.hub
-        cdef bytes reason = b"backlog limit exceeded"
         cdef bytes body = bytes([POLICY_VIOLATION >> 8, POLICY_VIOLATION & 0xFF]) + reason
         cdef uint8_t head[10]
         cdef size_t hlen = write_header(head, 0x80 | CLOSE, len(body))
@@ -1002,7 +1229,43 @@ cdef class Connection:
         self.state = CLOSED
         self.deadline = hub.now + hub.close_timeout
         self.closed(POLICY_VIOLATION, reason.decode(), False)
+        return self.finish()
+
+    cdef int finish(self) except -1:
+        """Our last bytes are queued: end our side. Plain TCP half-closes
+        once they are written (the client reads everything, then EOF) and
+        goes on reading until the client's EOF, bounded by linger_budget and
+        the close deadline; TLS has no half-close in asyncio, so its
+        transport closes (close_notify)."""
+        if self.transport is None or self.transport.is_closing():
+            return 0
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+            return 0
         return self.close_transport()
+
+    cdef int set_reading(self, bint paused) except -1:
+        if paused == self.inbox.paused or self.transport is None or self.transport.is_closing():
+            return 0
+        self.inbox.paused = paused
+        if paused:
+            self.transport.pause_reading()
+        else:
+            self.transport.resume_reading()
+        return 0
+
+    cdef int congestion_check(self, double now) except -1:
+        """A congested member must make progress every slow_client_timeout
+        seconds, or it is closed (1008) and its room goes on."""
+        cdef Py_ssize_t buffered
+        if now < self.out.stall_deadline or self.transport is None:
+            return 0
+        buffered = self.transport.get_write_buffer_size()
+        if buffered >= self.out.stall_mark:
+            return self.slow_client(b"reader stalled")
+        self.out.stall_mark = buffered
+        self.out.stall_deadline = now + self.hub.slow_client_timeout
+        return 0
 
     cdef int close_transport(self) except -1:
         if self.transport is not None:

@@ -1,5 +1,8 @@
 """The `fastrelay` command: load config, set up logging, run the relay.
 
+`fastrelay token --room /lobby --ttl 1h [--read-only]` instead prints a
+token signed with the configured secret, for trying access control out.
+
 Exit codes:
   0    clean shutdown after SIGINT/SIGTERM
   2    user error: bad command line, bad config, log file or port unusable
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 import socket
@@ -20,10 +24,21 @@ from collections.abc import Sequence
 
 import uvloop
 
+from . import auth, fdlimit
 from ._version import __version__
-from .config import Config, ConfigError, load_config, resolve_config_path
+from .config import (
+    Config,
+    ConfigError,
+    api_key,
+    load_config,
+    resolve_config_path,
+    worker_count,
+)
+from .control import ControlChannel
+from .keys import SecretError
 from .logs import LogSink, setup_logging
 from .metrics import start_metrics_server, url_host
+from .publish_api import PublishApi
 from .server import Relay
 from .tls import TLSFileError
 
@@ -36,6 +51,9 @@ class StartupError(Exception):
     """A user-facing reason the relay cannot start (one line)."""
 
 
+_CONFIG_HELP = "YAML configuration file (default: ./config.yaml if present)"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastrelay",
@@ -46,15 +64,72 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Without --config-file, ./config.yaml is read when it exists, else built-in "
         "defaults are used. "
         "Signals: SIGINT/SIGTERM shut down gracefully (a second one exits at once with code 130); "
-        "SIGHUP reopens the log file.",
+        "SIGHUP reopens the log file. "
+        "'fastrelay token --help': print a token for trying access control out.",
     )
-    parser.add_argument(
-        "--config-file",
-        metavar="PATH",
-        help="YAML configuration file (default: ./config.yaml if present)",
-    )
+    parser.add_argument("--config-file", metavar="PATH", help=_CONFIG_HELP)
     parser.add_argument("--version", action="version", version=f"fastrelay {__version__}")
     return parser
+
+
+def _token_parser() -> argparse.ArgumentParser:
+    token = argparse.ArgumentParser(
+        prog="fastrelay token",
+        description="Print a JWT for the relay, signed with the configured HMAC secret "
+        "(auth.secret, auth.secret_file or auth.secret_env) and carrying auth.audience and "
+        "auth.issuer when they are set.",
+    )
+    token.add_argument(
+        "--room",
+        action="append",
+        required=True,
+        metavar="ROOM",
+        help="a room the token may join: /lobby, /team/* (every room below /team/) or *; "
+        "repeat for several",
+    )
+    token.add_argument(
+        "--ttl",
+        type=_duration,
+        default=3600.0,
+        metavar="DURATION",
+        help="how long the token is valid: 90, 90s, 15m, 1h or 7d (default 1h)",
+    )
+    token.add_argument(
+        "--read-only", action="store_true", help="the bearer may listen but not send"
+    )
+    token.add_argument("--sub", metavar="NAME", help="the subject claim (who holds the token)")
+    token.add_argument("--config-file", metavar="PATH", help=_CONFIG_HELP)
+    return token
+
+
+def _token_command(argv: Sequence[str]) -> list[str] | None:
+    """The arguments of `fastrelay [--config-file PATH] token ...` without
+    the word `token`, or None for the relay's own command line (parsed by
+    _parser() exactly as before the command existed)."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--config-file":
+            i += 2
+        elif arg.startswith("-"):
+            i += 1
+        else:
+            return [*argv[:i], *argv[i + 1 :]] if arg == "token" else None
+    return None
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str) -> float:
+    number, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS else (text, "s")
+    try:
+        seconds = float(number) * _UNITS[unit]
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0 or seconds == float("inf"):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a duration like 90, 15m, 1h or 7d")
+    return seconds
 
 
 def _error(message: str) -> int:
@@ -63,7 +138,11 @@ def _error(message: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    token_arguments = _token_command(arguments)
+    if token_arguments is not None:
+        return _print_token(_token_parser().parse_args(token_arguments))
+    args = _parser().parse_args(arguments)
     try:
         cfg = load_config(args.config_file)
     except ConfigError as e:
@@ -83,8 +162,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         sink.close()
 
 
+def _print_token(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config_file)
+        secret = auth.signing_secret(cfg.auth)
+    except ConfigError as e:
+        return _error(str(e))
+    except SecretError as e:
+        return _error(f"auth.{e.option}: {e.problem}")
+    token = auth.mint(
+        secret,
+        cfg.auth.algorithms[0],
+        args.room,
+        args.ttl,
+        read_only=args.read_only,
+        subject=args.sub,
+        audience=cfg.auth.audience,
+        issuer=cfg.auth.issuer,
+    )
+    if not cfg.auth.enabled:
+        print(
+            "fastrelay: note: auth.enabled is false in this config: the relay does not ask "
+            "for tokens",
+            file=sys.stderr,
+        )
+    print(token, flush=True)
+    return EXIT_OK
+
+
 def _run(cfg: Config, sink: LogSink, config_path: str | None) -> int:
-    return uvloop.run(_serve(cfg, sink, config_path))
+    # Workers inherit the raised limit.
+    warning = fdlimit.shortfall(fdlimit.raise_open_files_limit(), cfg.limits.max_connections)
+    if warning:
+        sink.logger.warning("%s", warning)
+    workers = worker_count(cfg)
+    if workers > 1:
+        from .supervisor import supervise
+
+        return supervise(cfg, sink, config_path, workers)
+    return uvloop.run(serve(cfg, sink, config_path))
 
 
 def _listen_error(sink: LogSink, what: str, host: str, port: int, exc: OSError) -> StartupError:
@@ -102,7 +218,13 @@ def _listen_error(sink: LogSink, what: str, host: str, port: int, exc: OSError) 
     return StartupError(f"cannot listen on {url_host(host)}:{port}: {reason}")
 
 
-async def _serve(cfg: Config, sink: LogSink, config_path: str | None) -> int:
+async def serve(
+    cfg: Config, sink: LogSink, config_path: str | None, control: ControlChannel | None = None
+) -> int:
+    """Run the relay until SIGINT/SIGTERM. Alone, it prints its URLs and
+    serves the metrics; as a worker (`control` set) it shares its port with
+    the other workers, reports to the supervisor, answers its snapshot
+    requests and stops when the supervisor goes away."""
     log = sink.logger
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -133,12 +255,23 @@ async def _serve(cfg: Config, sink: LogSink, config_path: str | None) -> int:
         loop.add_signal_handler(sig, on_stop_signal, sig.name)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
 
-    log.info(
-        "fastrelay %s starting (config: %s)",
-        __version__,
-        config_path or "built-in defaults",
-    )
-    relay = Relay(cfg, log)
+    if control is None:
+        log.info(
+            "fastrelay %s starting (config: %s)",
+            __version__,
+            config_path or "built-in defaults",
+        )
+    # Keys were checked at load time; a file or variable may have changed since.
+    try:
+        relay = Relay(cfg, log, reuse_port=control is not None)
+    except SecretError as e:
+        raise StartupError(f"auth.{e.option}: {e.problem}") from None
+    api = None
+    if cfg.api.enabled and control is None:
+        try:
+            api = PublishApi(api_key(cfg.api), relay, cfg.relay.max_message_size)
+        except SecretError as e:
+            raise StartupError(f"api.{e.option}: {e.problem}") from None
     try:
         await relay.start()
     except TLSFileError as e:
@@ -153,26 +286,35 @@ async def _serve(cfg: Config, sink: LogSink, config_path: str | None) -> int:
         raise _listen_error(sink, "relay", cfg.server.host, cfg.server.port, e) from None
 
     metrics = None
-    if cfg.metrics.enabled:
+    if control is not None:
+        control.send("ready", relay.port)
+        answering = loop.create_task(_answer_supervisor(control, relay, stop, log))
+    elif cfg.metrics.enabled:
         try:
             metrics = await start_metrics_server(
                 cfg.metrics.host,
                 cfg.metrics.port,
                 relay.snapshot,
                 lambda: relay.accepting,
+                api=api,
             )
         except OSError as e:
             # Nobody was told the relay URL yet; close it before exiting.
             await relay.shutdown(cfg.timeouts.shutdown)
             raise _listen_error(sink, "metrics", cfg.metrics.host, cfg.metrics.port, e) from None
 
-    scheme = "wss" if cfg.server.tls.enabled else "ws"
-    lines = [f"fastrelay listening on {scheme}://{url_host(cfg.server.host)}:{relay.port}/"]
-    if metrics is not None:
-        lines.append(f"metrics on {metrics.url}")
-    for line in lines:
-        print(line, flush=True)
-        log.info("%s", line)
+    if control is None:
+        scheme = "wss" if cfg.server.tls.enabled else "ws"
+        lines = [f"fastrelay listening on {scheme}://{url_host(cfg.server.host)}:{relay.port}/"]
+        if metrics is not None:
+            lines.append(f"metrics on {metrics.url}")
+            if api is not None:
+                lines.append(
+                    f"publish API on {metrics.url.removesuffix('/metrics')}/publish/<room>"
+                )
+        for line in lines:
+            print(line, flush=True)
+            log.info("%s", line)
 
     await stop.wait()
     log.info("closing clients with 1001, waiting up to %.1fs", cfg.timeouts.shutdown)
@@ -181,8 +323,27 @@ async def _serve(cfg: Config, sink: LogSink, config_path: str | None) -> int:
         # Closed last: during the drain /readyz answers 503, which tells a
         # load balancer to stop sending clients here.
         await metrics.close()
+    if control is not None:
+        answering.cancel()
+        control.close()
     log.info("shutdown complete")
     return EXIT_OK
+
+
+async def _answer_supervisor(
+    control: ControlChannel, relay: Relay, stop: asyncio.Event, log: logging.Logger
+) -> None:
+    """A worker's side of the control channel: counters on request; the
+    channel's end means the supervisor is gone, and so the worker goes."""
+    try:
+        while True:
+            request = await control.receive()
+            if request[0] == "snapshot":
+                control.send("snapshot", relay.snapshot())
+    except (asyncio.IncompleteReadError, ConnectionError):
+        if not stop.is_set():
+            log.warning("supervisor gone: shutting down")
+            stop.set()
 
 
 def _exit_now(sink: LogSink, code: int) -> None:

@@ -21,6 +21,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from .auth import ALGORITHMS, verification_key
+from .keys import SecretError, SecretSource, read_secret
 from .tls import TLSFileError, server_context
 
 if TYPE_CHECKING:
@@ -35,13 +37,15 @@ STREAM_OUTPUTS = ("stdout", "stderr")
 OptionValue: TypeAlias = "bool | int | float | str | tuple[str, ...]"
 
 # The name users read for each type a leaf key can have.
-Kind = Literal["boolean", "integer", "number", "string", "list of strings"]
+Kind = Literal["boolean", "integer", "number", "string", "list of strings", "integer or auto"]
 _KINDS: dict[object, Kind] = {
     bool: "boolean",
     int: "integer",
     float: "number",
     str: "string",
     tuple[str, ...]: "list of strings",
+    # A count the program can also work out itself (`auto`).
+    int | Literal["auto"]: "integer or auto",
 }
 
 _V = TypeVar("_V")
@@ -67,7 +71,8 @@ class OptionMeta:
     min/max are inclusive bounds, `above` an exclusive lower bound. `path`
     marks file names that are resolved against the config file's directory.
     `lower` normalises strings (and list items) to lower case; `item_check`
-    then says why one is wrong, or returns None.
+    then says why one is wrong, or returns None. `secret` keeps the value
+    out of error messages (they end up in logs and terminals).
     """
 
     help: str
@@ -79,6 +84,9 @@ class OptionMeta:
     path: bool = False
     lower: bool = False
     item_check: Callable[[str], str | None] | None = None
+    # How a value is quoted in error messages (hides a password in a URL).
+    shown: Callable[[str], str] = str
+    secret: bool = False  # never quote the value in an error message
 
     def allowed(self) -> str:
         """The allowed values in words ('' when any value of the type is)."""
@@ -113,6 +121,49 @@ _META = "fastrelay.option"
 def _option(default: _V, meta: OptionMeta) -> _V:
     """Declare a leaf key: its default and its OptionMeta."""
     return field(default=default, metadata={_META: meta})
+
+
+def redact_url(url: str) -> str:
+    """`url` with any password replaced by `***`, for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[1]
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()
+
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def check_redis_url(value: str) -> str | None:
+    """Return why `value` is not a usable Redis URL, or None ('' is: no backplane).
+
+    The problem never quotes the password; the loader quotes the value, so
+    the messages for a URL name only what is wrong.
+    """
+    if not value:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in REDIS_SCHEMES:
+        return "expected a redis://, rediss:// or unix:// URL"
+    try:
+        port = parts.port
+    except ValueError:
+        return "the port must be a number from 1 to 65535"
+    if parts.scheme == "unix":
+        if not parts.path:
+            return "a unix:// URL needs the socket's path, e.g. unix:///run/redis.sock"
+        db = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p).get("db", "0")
+    else:
+        if not parts.hostname:
+            return "the URL names no host"
+        if port == 0:
+            return "the port must be a number from 1 to 65535"
+        db = parts.path.strip("/") or "0"
+    if not db.isdigit():
+        return "the database must be a number, e.g. redis://host:6379/0"
+    return None
 
 
 def _check_origin(value: str) -> str | None:
@@ -167,6 +218,15 @@ class ServerConfig:
         ),
     )
     tls: TLSConfig = field(default_factory=TLSConfig)
+    workers: int | Literal["auto"] = _option(
+        1,
+        OptionMeta(
+            "Worker processes sharing the port (SO_REUSEPORT) under a supervisor; `auto` = "
+            "one per CPU. Above 1 needs `backplane.url`, which joins the workers' rooms.",
+            min=1,
+            max=1024,
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -255,11 +315,15 @@ class LimitsConfig:
         ),
     )
     slow_client_policy: str = _option(
-        "disconnect",
+        "backpressure",
         OptionMeta(
-            "`disconnect`: close the slow client; `drop`: skip messages for it until its "
-            "backlog drains. Both are counted in the metrics.",
-            choices=("disconnect", "drop"),
+            "`backpressure`: when a member's backlog passes a quarter of `max_backlog`, "
+            "the room's senders are read no faster than it reads (nothing is lost); a "
+            "member that makes no progress for `timeouts.slow_client` seconds or reaches "
+            "`max_backlog` is closed with 1008. `disconnect`: no slowing down, close at "
+            "`max_backlog`. `drop`: no slowing down, skip messages for it until its backlog "
+            "drains. All are counted in the metrics.",
+            choices=("backpressure", "disconnect", "drop"),
         ),
     )
     max_messages_per_second: int = _option(
@@ -295,6 +359,14 @@ class TimeoutsConfig:
             above=0,
         ),
     )
+    slow_client: float = _option(
+        5.0,
+        OptionMeta(
+            "Seconds a member may hold its room back (slow_client_policy `backpressure`) "
+            "without reading anything before it is closed with 1008.",
+            above=0,
+        ),
+    )
     ping_interval: float = _option(
         20.0,
         OptionMeta("Seconds between keepalive pings to an idle client; 0 disables pings.", min=0),
@@ -306,6 +378,152 @@ class TimeoutsConfig:
 
 
 @dataclass(frozen=True)
+class BackplaneConfig:
+    url: str = _option(
+        "",
+        OptionMeta(
+            "Redis (or Valkey) joining processes and hosts through pub/sub, one channel per "
+            "room: `redis://[:password@]host:port/db`, `rediss://...` (TLS) or "
+            "`unix:///path/redis.sock?db=0`. Empty: no backplane, one process on its own.",
+            item_check=check_redis_url,
+            shown=redact_url,
+        ),
+    )
+    password_env: str = _option(
+        "",
+        OptionMeta(
+            "Name of an environment variable holding the Redis password, instead of one "
+            "in `url`; empty = none."
+        ),
+    )
+    channel_prefix: str = _option(
+        "fastrelay:",
+        OptionMeta("A room's channel is this prefix followed by the room, in UTF-8."),
+    )
+    ca_file: str = _option(
+        "",
+        OptionMeta(
+            "For `rediss://`: PEM file of the CA certificates that verify Redis; empty = "
+            "the system's. A relative path is relative to the config file's directory.",
+            path=True,
+        ),
+    )
+    max_queue_bytes: int = _option(
+        16777216,
+        OptionMeta(
+            "Bytes of messages waiting to be published; beyond it a message is not sent to "
+            "other processes (local members still get it) and is counted as dropped.",
+            min=65536,
+        ),
+    )
+    reconnect_max_delay: float = _option(
+        5.0,
+        OptionMeta(
+            "Longest wait, in seconds, between attempts to reach Redis again (exponential "
+            "backoff from 0.1 s, with jitter).",
+            min=0.1,
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    enabled: bool = _option(
+        False,
+        OptionMeta(
+            "Every upgrade needs a signed token (JWT) allowing its room: `?token=` or "
+            "`Authorization: Bearer`. Without a valid one 401, for another room 403."
+        ),
+    )
+    algorithms: tuple[str, ...] = _option(
+        ("HS256",),
+        OptionMeta(
+            "Signature algorithms accepted, all verified with the one key below: HS256/384/512 "
+            "with `secret`; RS*, PS*, ES256/384/512 or EdDSA with `public_key_file`. Never "
+            "taken from the token.",
+            choices=ALGORITHMS,
+        ),
+    )
+    secret: str = _option(
+        "",
+        OptionMeta(
+            "HMAC secret, at least as many bytes as the hash (32 for HS256). Set one of "
+            "`secret`, `secret_file`, `secret_env`.",
+            secret=True,
+        ),
+    )
+    secret_file: str = _option(
+        "",
+        OptionMeta(
+            "File holding the HMAC secret (one trailing newline is ignored). A relative path "
+            "is relative to the config file's directory.",
+            path=True,
+        ),
+    )
+    secret_env: str = _option(
+        "", OptionMeta("Name of the environment variable holding the HMAC secret.")
+    )
+    public_key_file: str = _option(
+        "",
+        OptionMeta(
+            "PEM public key (`BEGIN PUBLIC KEY`) for the RS, PS, ES and EdDSA algorithms. A "
+            "relative path is relative to the config file's directory.",
+            path=True,
+        ),
+    )
+    audience: str = _option(
+        "",
+        OptionMeta(
+            "When set, tokens must carry this `aud`; when empty, a token carrying an `aud` is "
+            "refused (RFC 7519 §4.1.3)."
+        ),
+    )
+    issuer: str = _option("", OptionMeta("When set, tokens must carry this `iss`."))
+    leeway: float = _option(
+        0.0,
+        OptionMeta(
+            "Seconds of clock skew allowed on `exp` and `nbf` between the token's issuer and "
+            "this host.",
+            min=0,
+            max=300,
+        ),
+    )
+    enforce_expiry: bool = _option(
+        False,
+        OptionMeta(
+            "Close a connection with 1008 'token expired' when its token expires (else the "
+            "token is only checked on the upgrade)."
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    enabled: bool = _option(
+        False,
+        OptionMeta(
+            "Serve the publish API on the metrics listener: `POST /publish/<room>`, "
+            "`GET /rooms`, `GET /rooms/<room>`, with `Authorization: Bearer <key>`."
+        ),
+    )
+    key: str = _option(
+        "",
+        OptionMeta(
+            "API key, at least 16 bytes. Set one of `key`, `key_file`, `key_env`.", secret=True
+        ),
+    )
+    key_file: str = _option(
+        "",
+        OptionMeta(
+            "File holding the API key (one trailing newline is ignored). A relative path is "
+            "relative to the config file's directory.",
+            path=True,
+        ),
+    )
+    key_env: str = _option("", OptionMeta("Name of the environment variable holding the API key."))
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -313,6 +531,17 @@ class Config:
     relay: RelayConfig = field(default_factory=RelayConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    backplane: BackplaneConfig = field(default_factory=BackplaneConfig)
+
+
+def worker_count(cfg: Config) -> int:
+    """server.workers as a number (`auto`: the CPUs this process may run on)."""
+    workers = cfg.server.workers
+    if workers == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    return workers
 
 
 # --- schema introspection (shared by the loader, the docs and the tests) ---
@@ -545,6 +774,12 @@ class _Loader:
                 return float(value)
         if kind == "string" and isinstance(value, str):
             return value
+        if kind == "integer or auto":
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.strip().lower() == "auto":
+                return "auto"
+            raise self.error(option.key, f"expected an integer or auto, got {_describe(value)}")
         if kind == "list of strings" and isinstance(value, list):
             for i, item in enumerate(value):
                 if not isinstance(item, str):
@@ -552,7 +787,10 @@ class _Loader:
                         option.key, f"item {i + 1}: expected a string, got {_describe(item)}"
                     )
             return tuple(value)
-        raise self.error(option.key, f"expected {_article(kind)}, got {_describe(value)}")
+        got = _describe(value)
+        if option.meta.secret:
+            got = got.split(" ", 1)[0]  # the type, not the value
+        raise self.error(option.key, f"expected {_article(kind)}, got {got}")
 
     def check_range(self, option: Option, value: float) -> None:
         meta = option.meta
@@ -579,7 +817,7 @@ class _Loader:
         if meta.item_check:
             problem = meta.item_check(value)
             if problem:
-                raise self.error(option.key, f"'{value}': {problem}")
+                raise self.error(option.key, f"'{meta.shown(value)}': {problem}")
         if meta.path:
             value = self.resolve_path(value)
         return value
@@ -587,11 +825,12 @@ class _Loader:
     def resolve_path(self, value: str) -> str:
         # Relative to the config file, so a service started from another
         # working directory still finds its files.
-        if value in STREAM_OUTPUTS:
+        if value in STREAM_OUTPUTS or not value:  # "": an optional file left unset
             return value
         return os.path.join(self.base_dir, os.path.expanduser(value))
 
     def check_cross_fields(self, cfg: Config) -> None:
+        self.check_backplane(cfg)
         if cfg.metrics.enabled and _same_listener(
             cfg.server.host, cfg.server.port, cfg.metrics.host, cfg.metrics.port
         ):
@@ -606,6 +845,73 @@ class _Loader:
                 server_context(cfg.server.tls)
             except TLSFileError as e:
                 raise self.error(f"server.tls.{e.option}", e.problem) from None
+        if cfg.auth.enabled:
+            if not cfg.auth.algorithms:
+                raise self.error("auth.algorithms", "list at least one algorithm")
+            # Read now, and again by the server: a missing file or variable,
+            # or a key of the wrong kind, is reported before listening.
+            try:
+                verification_key(cfg.auth)
+            except SecretError as e:
+                raise self.error(f"auth.{e.option}", e.problem) from None
+        if cfg.api.enabled:
+            if not cfg.metrics.enabled:
+                raise self.error(
+                    "api.enabled",
+                    "the publish API is served on the metrics listener: set metrics.enabled: true",
+                )
+            try:
+                api_key(cfg.api)
+            except SecretError as e:
+                raise self.error(f"api.{e.option}", e.problem) from None
+
+    def check_backplane(self, cfg: Config) -> None:
+        backplane = cfg.backplane
+        workers = worker_count(cfg)
+        if workers > 1 and not backplane.url:
+            raise self.error(
+                "server.workers",
+                f"{workers} workers without backplane.url: rooms would be split across "
+                "workers (members on different workers would not see each other's messages)",
+            )
+        if workers > 1 and cfg.api.enabled:
+            raise self.error(
+                "api.enabled",
+                f"the publish API is not served with {workers} workers yet (it runs in one "
+                "relay process); use server.workers: 1",
+            )
+        if not backplane.url:
+            return
+        if backplane.password_env:
+            if urlsplit(backplane.url).password is not None:
+                raise self.error(
+                    "backplane.password_env",
+                    "backplane.url has a password too; give it in one place only",
+                )
+            if backplane.password_env not in os.environ:
+                raise self.error(
+                    "backplane.password_env",
+                    f"the environment variable {backplane.password_env} is not set",
+                )
+        if backplane.ca_file:
+            if urlsplit(backplane.url).scheme != "rediss":
+                raise self.error("backplane.ca_file", "only used with a rediss:// URL")
+            try:
+                with open(backplane.ca_file, "rb"):
+                    pass
+            except OSError as e:
+                raise self.error(
+                    "backplane.ca_file", f"cannot read '{backplane.ca_file}': {e.strerror or e}"
+                ) from None
+
+
+# Guessing a random key of this length is hopeless; shorter ones are refused.
+API_KEY_MIN_BYTES = 16
+
+
+def api_key(api: ApiConfig) -> bytes:
+    """The publish API's key from its one configured source (SecretError if none)."""
+    return read_secret(SecretSource("key", api.key, api.key_file, api.key_env), API_KEY_MIN_BYTES)
 
 
 _WILDCARDS = ("0.0.0.0", "::", "")

@@ -34,6 +34,11 @@ _BARE_CR_OR_LF = re.compile(rb"\r(?=[^\n])|(?<!\r)\n")
 # SP and HTAB; every other control character is refused.
 _VALUE_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
 
+# Any control character (the request line allows none, not even HTAB). A
+# regex, not a loop over characters: a long target (a token in the query)
+# must not cost a Python step per byte.
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+
 # RFC 9112 §3.2.2: a server MUST accept the absolute-form. The schemes whose
 # URIs name this relay: http(s) (RFC 9110 §4.2) and ws(s) (RFC 6455 §3).
 # Scheme names are case-insensitive (RFC 3986 §3.1).
@@ -51,7 +56,9 @@ _ZERO_LENGTH = re.compile(r"[ \t]*0+[ \t]*")
 # reason key (a metrics label) -> (status, phrase)
 _STATUS = {
     "bad_request": (400, "Bad Request"),
+    "unauthorized": (401, "Unauthorized"),
     "forbidden_origin": (403, "Forbidden"),
+    "forbidden_room": (403, "Forbidden"),
     "method_not_allowed": (405, "Method Not Allowed"),
     "upgrade_required": (426, "Upgrade Required"),
     "headers_too_large": (431, "Request Header Fields Too Large"),
@@ -84,6 +91,11 @@ class Accept:
     response: bytes
     consumed: int  # bytes of the request head; what follows is frames
     deflate: bool = False  # permessage-deflate negotiated
+    deflate_window: int = 15  # with it, our LZ77 window in bits (server_max_window_bits)
+    # What the access checks read: the query string (without "?") and the
+    # values of the Authorization header fields, as received.
+    query: str = ""
+    authorization: tuple[str, ...] = ()
     # Set by the gate's access checks, not by the parser:
     read_only: bool = False  # may join but not send (closed with 1008 if it does)
     expires_at: float = 0.0  # event-loop time (loop.time()) of a 1008 close; 0: never
@@ -155,7 +167,7 @@ def _looks_like_http(data: bytes) -> bool:
 
 
 def _has_controls(text: str) -> bool:
-    return any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
+    return _CONTROL.search(text) is not None
 
 
 def parse_request(
@@ -230,9 +242,10 @@ def _decide(head: str, consumed: int, limits: Limits) -> Accept | Refuse | Plain
     if version != "HTTP/1.1":
         # RFC 6455 §4.1: HTTP/1.1 or later.
         return refuse("bad_request", "HTTP/1.1 required")
-    path = _target_path(target)
-    if path is None:
+    split = _split_target(target)
+    if split is None:
         return refuse("bad_request", "request target must be a path or an http(s)/ws(s) URI")
+    path, query = split
     try:
         # Raw bytes above 0x7F (sent unencoded by some clients) and %XX
         # escapes both decode to the same UTF-8 room name.
@@ -274,16 +287,27 @@ def _decide(head: str, consumed: int, limits: Limits) -> Accept | Refuse | Plain
         if origin is None or origin.lower() not in limits.allowed_origins:
             return refuse("forbidden_origin", f"origin {origin!r} not allowed")
 
-    deflate = limits.compression and _offers_deflate(headers.get("sec-websocket-extensions", []))
+    window = (
+        _deflate_window(headers.get("sec-websocket-extensions", [])) if limits.compression else 0
+    )
+    extension = DEFLATE_RESPONSE + (f"; server_max_window_bits={window}" if window < 15 else "")
     response = (
         "HTTP/1.1 101 Switching Protocols\r\n"
         "Upgrade: websocket\r\n"
         "Connection: Upgrade\r\n"
         f"Sec-WebSocket-Accept: {accept_key(key)}\r\n"
-        + (f"Sec-WebSocket-Extensions: {DEFLATE_RESPONSE}\r\n" if deflate else "")
+        + (f"Sec-WebSocket-Extensions: {extension}\r\n" if window else "")
         + "\r\n"
     ).encode("ascii")
-    return Accept(room, response, consumed, deflate)
+    return Accept(
+        room,
+        response,
+        consumed,
+        window > 0,
+        window or 15,
+        query=query,
+        authorization=tuple(headers.get("authorization", ())),
+    )
 
 
 # RFC 7692 §7.1.1: without context takeover on either side every message is
@@ -293,16 +317,18 @@ def _decide(head: str, consumed: int, limits: Limits) -> Accept | Refuse | Plain
 DEFLATE_RESPONSE = "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
 
 
-def _offers_deflate(values: list[str]) -> bool:
-    """True if one permessage-deflate offer is one we can accept as is
-    (RFC 7692 §7.1): known parameters, each at most once, and no limit on
-    our window below the 15 bits the relay compresses with."""
+def _deflate_window(values: list[str]) -> int:
+    """The server window (bits) of the first permessage-deflate offer we can
+    accept as is (RFC 7692 §7.1): known parameters, each at most once, and
+    server_max_window_bits, when given, 9 to 15 (zlib has no raw 8-bit
+    window). 0: no acceptable offer."""
     for offer in ",".join(values).split(","):
         name, *params = [part.strip() for part in offer.split(";")]
         if name.lower() != "permessage-deflate":
             continue
         seen: set[str] = set()
         acceptable = True
+        window = 15
         for param in params:
             key, _, value = param.partition("=")
             key, value = key.strip().lower(), value.strip().strip('"')
@@ -317,29 +343,34 @@ def _offers_deflate(values: list[str]) -> bool:
                     not value or (value.isascii() and value.isdigit() and 8 <= int(value) <= 15)
                 )
             elif key == "server_max_window_bits":
-                acceptable = acceptable and value == "15"
+                # §7.1.2.1: we must compress with at most this window.
+                if value.isascii() and value.isdigit() and 9 <= int(value) <= 15:
+                    window = int(value)
+                else:
+                    acceptable = False
             else:
                 acceptable = False
         if acceptable:
-            return True
-    return False
+            return window
+    return 0
 
 
 def _is_token(text: str) -> bool:
     return bool(text) and all(ord(c) in _TOKEN_CHARS for c in text)
 
 
-def _target_path(target: str) -> str | None:
-    """The path of an origin-form or absolute-form target (RFC 9112 §3.2.1,
-    §3.2.2), query removed; None for the asterisk- and authority-forms, which
-    a GET may not use, and for URIs of other schemes or without a host."""
-    if target.startswith("/"):
-        return target.split("?", 1)[0]
-    absolute = _ABSOLUTE_FORM.fullmatch(target)
-    if absolute is None or not _AUTHORITY.fullmatch(absolute[1]):
-        return None
+def _split_target(target: str) -> tuple[str, str] | None:
+    """The path and the query of an origin-form or absolute-form target
+    (RFC 9112 §3.2.1, §3.2.2); None for the asterisk- and authority-forms,
+    which a GET may not use, and for URIs of other schemes or without a host."""
+    if not target.startswith("/"):
+        absolute = _ABSOLUTE_FORM.fullmatch(target)
+        if absolute is None or not _AUTHORITY.fullmatch(absolute[1]):
+            return None
+        target = absolute[2]
+    path, _, query = target.partition("?")
     # An empty path is the root (RFC 9110 §4.2.3).
-    return absolute[2].split("?", 1)[0] or "/"
+    return path or "/", query
 
 
 def _announces_body(headers: dict[str, list[str]]) -> bool:

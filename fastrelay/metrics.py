@@ -1,20 +1,23 @@
-"""Prometheus metrics and health checks on their own HTTP port.
+"""Prometheus metrics and health checks on their own HTTP port, the private
+listener that also carries the publish API (publish_api.py) when enabled.
 
 The relay keeps plain integer counters; this module reads them only when
 scraped, through a custom collector over a `snapshot()` callable, so counting
 costs the hot path nothing (prometheus_client's Counter.inc() takes a lock).
 
-The HTTP side is deliberately tiny: one request per connection, GET/HEAD
-only, a bounded request head and a deadline, then the connection closes.
+The HTTP side is deliberately tiny: one request per connection, a bounded
+request head and a deadline, then the connection closes. Its own paths are
+GET/HEAD only; the paths of an `ApiHandler` get the request (and may read a
+body) themselves.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -26,6 +29,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 Snapshot = Callable[[], Mapping[str, Any]]
+Refresh = Callable[[], Awaitable[None]]
 
 log = logging.getLogger("fastrelay.metrics")
 
@@ -41,6 +45,9 @@ class MetricDef:
     key: str  # snapshot key
     label: str | None  # for labelled metrics: the snapshot value is {label value: count}
     help: str
+    # Exported only when the snapshot has the key: the backplane's metrics
+    # (with backplane.url) and the supervisor's (with server.workers > 1).
+    optional: bool = False
 
 
 # The table of exported metrics; the README table is generated from it.
@@ -131,13 +138,79 @@ METRICS = (
         None,
         "Connections closed for a protocol violation (1002, 1007, 1009).",
     ),
+    MetricDef(
+        "websocket_backplane_connected",
+        "gauge",
+        "backplane_connected",
+        None,
+        "1 while connected to the Redis backplane (with workers: how many workers are).",
+        optional=True,
+    ),
+    MetricDef(
+        "websocket_backplane_published_total",
+        "counter",
+        "backplane_published_total",
+        None,
+        "Messages of local clients published to the backplane.",
+        optional=True,
+    ),
+    MetricDef(
+        "websocket_backplane_received_total",
+        "counter",
+        "backplane_received_total",
+        None,
+        "Messages of other processes received from the backplane.",
+        optional=True,
+    ),
+    MetricDef(
+        "websocket_backplane_dropped_total",
+        "counter",
+        "backplane_dropped_total",
+        None,
+        "Messages of local clients not published (backplane down, or its queue full); "
+        "local members still got them.",
+        optional=True,
+    ),
+    MetricDef(
+        "websocket_backplane_reconnects_total",
+        "counter",
+        "backplane_reconnects_total",
+        None,
+        "Times the backplane connection was lost and made again.",
+        optional=True,
+    ),
+    MetricDef(
+        "websocket_backplane_queued_bytes",
+        "gauge",
+        "backplane_queued_bytes",
+        None,
+        "Bytes of messages waiting to be published (bounded by backplane.max_queue_bytes).",
+        optional=True,
+    ),
+    MetricDef(
+        "websocket_workers",
+        "gauge",
+        "workers",
+        None,
+        "Worker processes running now (server.workers > 1).",
+        optional=True,
+    ),
+    MetricDef(
+        "websocket_worker_restarts_total",
+        "counter",
+        "worker_restarts_total",
+        None,
+        "Workers started again after exiting unexpectedly (server.workers > 1).",
+        optional=True,
+    ),
 )
 
 
 class RelayCollector(Collector):
     """Reads the relay's counters at scrape time.
 
-    Every key of METRICS must be in the snapshot: a missing one raises
+    Every key of METRICS must be in the snapshot (optional ones may be
+    absent, and are then not exported): a missing one raises
     KeyError, which fails the scrape (500, logged) rather than exporting a 0
     that looks like a real value.
     """
@@ -148,6 +221,8 @@ class RelayCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         snap = self._snapshot()
         for m in METRICS:
+            if m.optional and m.key not in snap:
+                continue
             family_cls = GaugeMetricFamily if m.type == "gauge" else CounterMetricFamily
             # CounterMetricFamily strips a trailing "_total" from the family
             # name and adds it back to the sample, so `m.name` is exposed as is.
@@ -177,9 +252,13 @@ def url_host(host: str) -> str:
 _REASONS = {
     200: "OK",
     400: "Bad Request",
+    401: "Unauthorized",
     404: "Not Found",
     405: "Method Not Allowed",
     408: "Request Timeout",
+    411: "Length Required",
+    413: "Content Too Large",
+    415: "Unsupported Media Type",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     503: "Service Unavailable",
@@ -190,6 +269,35 @@ class Response(NamedTuple):
     status: int
     body: bytes = b""
     content_type: str = "text/plain; charset=utf-8"
+    headers: tuple[tuple[str, str], ...] = ()  # e.g. Allow, WWW-Authenticate
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str  # as received, percent-encoded, without the query
+    query: str
+    headers: Mapping[str, tuple[str, ...]]  # lower-case names
+
+    def header(self, name: str) -> str | None:
+        """The value of a header sent once; None when absent or repeated."""
+        values = self.headers.get(name, ())
+        return values[0] if len(values) == 1 else None
+
+
+# Reads exactly n bytes of the request body (bounded by the request timeout).
+BodyReader = Callable[[int], Awaitable[bytes]]
+
+
+class ApiHandler(Protocol):
+    """Paths served by someone else on this listener (the publish API)."""
+
+    def handles(self, path: str) -> bool: ...
+
+    async def respond(self, request: Request, read_body: BodyReader) -> Response: ...
+
+
+_ALLOW_OWN = (("Allow", "GET, HEAD"),)
 
 
 class MetricsServer:
@@ -202,8 +310,12 @@ class MetricsServer:
         ready: Callable[[], bool],
         request_timeout: float,
         max_request_head: int,
+        api: ApiHandler | None = None,
+        refresh: Refresh | None = None,
     ) -> None:
         self.host = host
+        self._api = api
+        self._refresh = refresh
         self._registry = build_registry(snapshot)
         self._ready = ready
         self._request_timeout = request_timeout
@@ -239,7 +351,7 @@ class MetricsServer:
         assert task is not None
         self._handlers.add(task)
         try:
-            response, head_only = await self._read_and_route(reader)
+            response, head_only = await self._read_and_route(reader, writer)
             writer.write(_serialize(response, head_only))
             await writer.drain()
         except (ConnectionError, asyncio.CancelledError):
@@ -248,7 +360,9 @@ class MetricsServer:
             self._handlers.discard(task)
             writer.close()
 
-    async def _read_and_route(self, reader: asyncio.StreamReader) -> tuple[Response, bool]:
+    async def _read_and_route(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> tuple[Response, bool]:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self._request_timeout)
         except asyncio.TimeoutError:
@@ -259,14 +373,30 @@ class MetricsServer:
             if not e.partial:
                 raise ConnectionResetError from None  # connected and left
             return Response(400, b"incomplete request\n"), False
-        request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
-        parts = request_line.split(" ")
-        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        request = _parse_head(head)
+        if request is None:
             return Response(400, b"bad request\n"), False
-        method, target, _ = parts
-        if method not in ("GET", "HEAD"):
-            return Response(405, b"method not allowed\n"), False
-        return self._route(target.split("?", 1)[0]), method == "HEAD"
+        head_only = request.method == "HEAD"
+        if self._api is not None and self._api.handles(request.path):
+
+            async def read_body(n: int) -> bytes:
+                if (request.header("expect") or "").lower() == "100-continue":
+                    # The client waits for this before sending the body (RFC 9110 §10.1.1).
+                    writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    await writer.drain()
+                return await asyncio.wait_for(reader.readexactly(n), self._request_timeout)
+
+            try:
+                return await self._api.respond(request, read_body), head_only
+            except asyncio.TimeoutError:
+                return Response(408, b"request timeout\n"), False
+            except asyncio.IncompleteReadError:
+                raise ConnectionResetError from None  # left before the whole body
+        if request.method not in ("GET", "HEAD"):
+            return Response(405, b"method not allowed\n", headers=_ALLOW_OWN), False
+        if request.path == "/metrics" and self._refresh is not None:
+            await self._refresh()
+        return self._route(request.path), head_only
 
     def _route(self, path: str) -> Response:
         if path == "/metrics":
@@ -284,6 +414,26 @@ class MetricsServer:
         return Response(404, b"not found\n")
 
 
+def _parse_head(head: bytes) -> Request | None:
+    """The request line and header fields; None when the request line is
+    malformed. Field lines without a name and a colon are skipped: nothing
+    here forwards the request, so there is no other reader to disagree with."""
+    request_line, *lines = head[:-4].decode("latin-1").split("\r\n")
+    parts = request_line.split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        return None
+    method, target, _ = parts
+    headers: dict[str, tuple[str, ...]] = {}
+    for line in lines:
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip():
+            continue
+        key = name.lower()
+        headers[key] = (*headers.get(key, ()), value.strip(" \t"))
+    path, _, query = target.partition("?")
+    return Request(method, path, query, headers)
+
+
 def _serialize(response: Response, head_only: bool) -> bytes:
     headers = [
         f"HTTP/1.1 {response.status} {_REASONS[response.status]}",
@@ -292,8 +442,7 @@ def _serialize(response: Response, head_only: bool) -> bytes:
         "Cache-Control: no-store",
         "Connection: close",
     ]
-    if response.status == 405:
-        headers.append("Allow: GET, HEAD")
+    headers += [f"{name}: {value}" for name, value in response.headers]
     head = ("\r\n".join(headers) + "\r\n\r\n").encode("latin-1")
     return head if head_only else head + response.body
 
@@ -306,13 +455,17 @@ async def start_metrics_server(
     *,
     request_timeout: float = 10.0,
     max_request_head: int = 8192,
+    api: ApiHandler | None = None,
+    refresh: Refresh | None = None,
 ) -> MetricsServer:
-    """Listen on host:port (0 = a free port) and serve /metrics, /healthz, /readyz.
+    """Listen on host:port (0 = a free port) and serve /metrics, /healthz, /readyz,
+    and the paths `api` handles.
 
     `snapshot()` is called on each scrape of /metrics; `ready()` on each
-    request to /readyz (200 while true, 503 otherwise). Raises OSError when
-    the address cannot be bound.
+    request to /readyz (200 while true, 503 otherwise). `refresh()`, when
+    given, is awaited before each scrape (the supervisor gathers its
+    workers' counters). Raises OSError when the address cannot be bound.
     """
-    server = MetricsServer(host, snapshot, ready, request_timeout, max_request_head)
+    server = MetricsServer(host, snapshot, ready, request_timeout, max_request_head, api, refresh)
     await server._start(port)
     return server

@@ -6,6 +6,8 @@ out through the `_frames.Hub`. This module only does what happens once per
 process or a few times a second: it builds the hub and the upgrade gate,
 listens, calls `Hub.sweep` (handshake, close and keepalive deadlines, the
 rate-limit window), logs closes at debug level, and shuts down gracefully.
+With `backplane.url` set it also runs the Redis backplane (backplane.py)
+that shares the hub's rooms with other processes.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from typing import Any
 
 from . import handshake
 from ._frames import CloseCode, Connection, Hub
+from .auth import Verifier
+from .backplane import RedisBackplane
 from .config import Config
 from .tls import server_context
 from .upgrade import Gate, GateSettings
@@ -36,8 +40,12 @@ def _demo_page() -> bytes:
 class Relay:
     """A listening relay: start(), snapshot() for metrics, shutdown()."""
 
-    def __init__(self, cfg: Config, log: logging.Logger) -> None:
+    def __init__(self, cfg: Config, log: logging.Logger, *, reuse_port: bool = False) -> None:
+        """Raises keys.SecretError when access control is on and its key
+        cannot be read (the config loader checked it; files can change)."""
         self.cfg = cfg
+        # A worker shares its port with the others (SO_REUSEPORT).
+        self.reuse_port = reuse_port
         self.log = log
         self.gate = Gate(
             GateSettings(
@@ -49,10 +57,12 @@ class Relay:
                 ),
                 max_connections=cfg.limits.max_connections,
                 demo_page=_demo_page() if cfg.relay.serve_demo else None,
+                verifier=Verifier.from_config(cfg.auth) if cfg.auth.enabled else None,
             ),
             log,
         )
         self.hub: Hub | None = None
+        self.backplane: RedisBackplane | None = None
         self.server: asyncio.Server | None = None
         self.port = 0
         self._sweeper: asyncio.TimerHandle | None = None
@@ -81,19 +91,38 @@ class Relay:
             close_timeout=timeouts.close,
             ping_interval=timeouts.ping_interval,
             ping_timeout=timeouts.ping_timeout,
+            slow_client_timeout=timeouts.slow_client,
         )
+        self.gate.clock = loop.time
         if self.log.isEnabledFor(logging.DEBUG):
             hub.close_log = self._log_close
+        limits = self.gate.settings.limits
+        hub.fast_upgrade = self.gate.allows_fast_path()
+        hub.max_connections = self.gate.settings.max_connections
+        hub.max_request_head = limits.max_head
+        hub.max_headers = limits.max_headers
+        hub.compression = limits.compression
+        if cfg.backplane.url:
+            self.backplane = RedisBackplane(cfg.backplane, hub, self.log)
+            hub.backplane = self.backplane
         self.server = await loop.create_server(
             functools.partial(Connection, hub),
             host=cfg.server.host,
             port=cfg.server.port,
             ssl=self._ssl_context(),
             reuse_address=True,
+            reuse_port=self.reuse_port or None,
             backlog=4096,
         )
         self.port = self.server.sockets[0].getsockname()[1]
-        shortest = min(timeouts.handshake, timeouts.close, timeouts.ping_timeout)
+        if self.backplane is not None:
+            # Connects in the background (once listening, so that a relay
+            # that cannot listen has nothing to stop): local rooms work
+            # whether or not Redis is there yet.
+            self.backplane.start()
+        shortest = min(
+            timeouts.handshake, timeouts.close, timeouts.ping_timeout, timeouts.slow_client
+        )
         self._sweep_interval = min(shortest / SWEEPS_PER_TIMEOUT, SWEEP_MAX_INTERVAL)
         self._sweeper = loop.call_later(self._sweep_interval, self._sweep)
 
@@ -112,9 +141,30 @@ class Relay:
             "closing %s: %d %s (%s)", conn.peer, code, reason, "by peer" if by_peer else "by server"
         )
 
+    # -- the publish API's view of the rooms (publish_api.Rooms) --
+
+    def publish(self, room: str, text: bool, payload: bytes) -> int:
+        """Deliver a message from outside to the room's members here;
+        returns how many got it. ValueError above relay.max_message_size."""
+        return self.hub.publish(room, text, payload) if self.hub is not None else 0
+
+    def room_sizes(self) -> dict[str, int]:
+        rooms = self.hub.rooms if self.hub is not None else {}
+        return {name: len(room) for name, room in rooms.items()}
+
+    def members(self, room: str) -> int:
+        found = self.hub.rooms.get(room) if self.hub is not None else None
+        return len(found) if found is not None else 0
+
     def snapshot(self) -> dict[str, Any]:
         values = self.hub.counters() if self.hub is not None else {}
         values["handshake_failures"] = dict(self.gate.failures)
+        if self.backplane is not None:
+            values.update(self.backplane.counters())
+            # The hub counts what it relayed from other processes as
+            # messages too; the total means messages from our own clients,
+            # so that summed over processes each message counts once.
+            values["messages_total"] -= self.backplane.relayed_remote
         return values
 
     async def shutdown(self, timeout: float) -> None:
@@ -140,3 +190,5 @@ class Relay:
                 hub.abort_all()
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self.backplane is not None:
+            await self.backplane.close()

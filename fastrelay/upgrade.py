@@ -8,16 +8,21 @@ A connection still in its handshake hands the request bytes read so far to
 - `handshake.Refuse`: send its response (an HTTP error, or the demo page
   with status 200) and close.
 
-Nothing here calls back into the connection. A further check (a token, say)
-is one more step of `decide` returning a `Refuse`.
+Nothing here calls back into the connection. Access control is one more
+step of `decide`: with a verifier, the token decides between a `Refuse`
+(401, 403) and an `Accept` carrying what the token grants (read-only, the
+time it ends).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import handshake
+from . import auth, handshake
 from ._frames import Connection
 
 Decision = handshake.Incomplete | handshake.Accept | handshake.Refuse
@@ -28,6 +33,7 @@ class GateSettings:
     limits: handshake.Limits
     max_connections: int  # 0: unlimited
     demo_page: bytes | None  # served on a plain GET when set
+    verifier: auth.Verifier | None = None  # set: every upgrade needs a token
 
 
 class Gate:
@@ -38,6 +44,21 @@ class Gate:
         self.log = log
         self.accepting = True  # False once the shutdown has begun
         self.failures: dict[str, int] = {}  # refusals by reason (a metrics label)
+        # The event loop's time(), set by the server. Without it a token's
+        # expiry is placed on the hub's clock as of its last sweep, which
+        # lags by up to a sweep interval and would close connections early.
+        self.clock: Callable[[], float] | None = None
+
+    def allows_fast_path(self) -> bool:
+        """Whether the compiled scan may accept ordinary upgrades without
+        asking: nothing to check beyond the request itself (no tokens, no
+        origin list) and nothing to log per connection."""
+        settings = self.settings
+        return (
+            settings.verifier is None
+            and not settings.limits.allowed_origins
+            and not self.log.isEnabledFor(logging.DEBUG)
+        )
 
     def count_failure(self, reason: str, n: int = 1) -> None:
         self.failures[reason] = self.failures.get(reason, 0) + n
@@ -48,13 +69,8 @@ class Gate:
         if isinstance(result, handshake.Incomplete):
             return result
         if isinstance(result, handshake.Accept):
-            if not self.accepting:
-                result = handshake.refuse("too_many_connections", "shutting down")
-            elif settings.max_connections and conn.hub.connected >= settings.max_connections:
-                result = handshake.refuse("too_many_connections", "connection limit reached")
-            else:
-                if self.log.isEnabledFor(logging.DEBUG):
-                    self.log.debug("connection %s joined room %s", conn.peer, result.room)
+            result = self._admit(result, conn)
+            if isinstance(result, handshake.Accept):
                 return result
         if isinstance(result, handshake.PlainGet):
             if settings.demo_page is not None:
@@ -75,3 +91,44 @@ class Gate:
                 "handshake from %s refused: %d %s", conn.peer, result.status, result.detail
             )
         return result
+
+    def _admit(
+        self, accept: handshake.Accept, conn: Connection
+    ) -> handshake.Accept | handshake.Refuse:
+        """A well-formed upgrade request: is there room, and is it allowed?"""
+        settings = self.settings
+        if not self.accepting:
+            return handshake.refuse("too_many_connections", "shutting down")
+        if settings.max_connections and conn.hub.connected >= settings.max_connections:
+            return handshake.refuse("too_many_connections", "connection limit reached")
+        if settings.verifier is not None:
+            return self._check_token(settings.verifier, accept, conn)
+        if self.log.isEnabledFor(logging.DEBUG):
+            self.log.debug("connection %s joined room %s", conn.peer, accept.room)
+        return accept
+
+    def _check_token(
+        self, verifier: auth.Verifier, accept: handshake.Accept, conn: Connection
+    ) -> handshake.Accept | handshake.Refuse:
+        token = auth.find_token(accept.query, accept.authorization)
+        outcome = verifier.check(token, accept.room)
+        if isinstance(outcome, auth.Denial):
+            return handshake.refuse(
+                outcome.reason, outcome.detail, (("WWW-Authenticate", outcome.challenge()),)
+            )
+        expires_at = 0.0
+        if verifier.enforce_expiry:
+            # The hub's deadlines are on the event loop's clock; the token's
+            # is Unix time.
+            loop_now = self.clock() if self.clock is not None else conn.hub.now
+            expires_at = loop_now + (outcome.expires - time.time())
+        if self.log.isEnabledFor(logging.DEBUG):
+            # The subject names who joined; the token itself is never logged.
+            self.log.debug(
+                "connection %s joined room %s (sub %r%s)",
+                conn.peer,
+                accept.room,
+                outcome.subject,
+                ", read-only" if outcome.read_only else "",
+            )
+        return dataclasses.replace(accept, read_only=outcome.read_only, expires_at=expires_at)

@@ -4,6 +4,7 @@ stopped by the one helper in relay_process.py."""
 from __future__ import annotations
 
 import pytest
+from redis_server import RedisServer
 
 from relay_process import RelayGroup, RelayProcess, start_relay
 
@@ -32,3 +33,12 @@ def module_relay_factory(tmp_path_factory):
 @pytest.fixture
 def relay(relay_factory) -> RelayProcess:
     return relay_factory()
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory) -> RedisServer:
+    """A real redis-server on a free loopback port for one test module,
+    stopped by PID at its end."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()

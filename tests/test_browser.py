@@ -18,9 +18,11 @@ import re
 import time
 from pathlib import Path
 
+import jwt
 import pytest
 
-from relay_process import merged
+from relay_process import METRICS_ON, merged
+from scrape import scrape
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "artifacts"
@@ -299,4 +301,81 @@ def test_relay_serves_the_page_on_any_path(relay_factory, open_page):
     page.click("#connect")
     expect(page.locator("#state")).to_have_attribute("data-state", "closed")
     expect(page.locator("#state")).to_have_text("closed")
+    assert relay.stop() == 0, relay.output()
+
+
+# --------------------------------------------------------------------------
+# access control: the page with a token
+
+
+AUTH_SECRET = "browser-test-secret-0123456789-abcdefgh"
+AUTH_DEMO = merged(merged(DEMO, METRICS_ON), {"auth": {"enabled": True, "secret": AUTH_SECRET}})
+
+
+def token_for(rooms, publish=True, ttl=600):
+    claims = {"rooms": rooms, "publish": publish, "exp": int(time.time()) + ttl}
+    return jwt.encode(claims, AUTH_SECRET, algorithm="HS256")
+
+
+def refusals(relay, reason: str) -> float:
+    return scrape(relay.metrics_url).get(
+        f'websocket_handshake_failures_total{{reason="{reason}"}}', 0
+    )
+
+
+@pytest.mark.timeout(120)
+def test_page_with_a_token_joins_and_explains_refusals(relay_factory, open_page):
+    relay = relay_factory(AUTH_DEMO)
+
+    # ?token= in the page's own address: it fills the field and leaves the address.
+    alice = open_page(page_url(relay) + "?room=/lobby&token=" + token_for(["/lobby"]))
+    expect(alice.locator("#token")).to_have_value(re.compile(r"^ey"))
+    assert "token" not in alice.evaluate("location.search")
+    join(alice, "/lobby", "alice")
+
+    # The token field: a read-only member sees the room but may not speak.
+    bob = open_page(page_url(relay))
+    bob.fill("#token", token_for(["/lobby"], publish=False))
+    join(bob, "/lobby", "bob")
+    expect(bob.locator("#messages li.system").filter(has_text="read-only")).to_have_count(1)
+    expect(bob.locator("#text")).to_be_disabled()
+    expect(bob.locator("#send")).to_be_disabled()
+    say(alice, "tokens work #k1")
+    sees(alice, "#k1", nick="alice")
+    sees(bob, "#k1", nick="alice")
+
+    # A token for another room: the relay answers 403 (counted), the page says why
+    # and stops retrying.
+    carol = open_page(page_url(relay))
+    carol.fill("#token", token_for(["/lobby"]))
+    carol.fill("#room", "/elsewhere")
+    carol.click("#connect")
+    refused = carol.locator("#messages li.refused")
+    expect(refused).to_have_text(
+        "refused: your token does not allow room /elsewhere (it allows /lobby)."
+    )
+    expect(carol.locator("#state")).to_have_text("refused")
+    expect(carol.locator("#state")).to_have_attribute("data-state", "closed")
+    assert refusals(relay, "forbidden_room") == 1
+
+    # An expired token: 401, and the page names the expiry.
+    dave = open_page(page_url(relay))
+    dave.fill("#token", token_for(["/lobby"], ttl=-120))
+    dave.click("#connect")
+    expect(dave.locator("#messages li.refused")).to_contain_text("refused: your token expired at")
+    assert refusals(relay, "unauthorized") == 1
+
+    # No token at all: 401, and the page says a token is needed (and keeps retrying,
+    # since it cannot tell a refusal from a relay that is down).
+    erin = open_page(page_url(relay))
+    erin.click("#connect")
+    expect(erin.locator("#messages li.refused")).to_contain_text(
+        "A relay with access control needs a token allowing this room"
+    )
+    expect(erin.locator("#state")).to_have_attribute("data-state", "reconnecting")
+    erin.click("#connect")  # leave
+    assert refusals(relay, "unauthorized") >= 2
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    carol.screenshot(path=str(ARTIFACTS / "browser-token-refused.png"))
     assert relay.stop() == 0, relay.output()

@@ -4,6 +4,7 @@ relay.compression is on: compressed and plain members share a room."""
 from __future__ import annotations
 
 import asyncio
+import os
 import struct
 import zlib
 
@@ -33,9 +34,9 @@ def compressed_frame(opcode: int, payload: bytes, *, fin: bool = True) -> bytes:
 
 
 class DeflateClient(RawClient):
-    def __init__(self, port: int, path: str) -> None:
+    def __init__(self, port: int, path: str, offer: str = OFFER) -> None:
         super().__init__(port, path, handshake=False)
-        self.send(handshake_request(path, extra=OFFER))
+        self.send(handshake_request(path, extra=offer))
         self.head = self.read_http_head()
         assert self.head.startswith(b"HTTP/1.1 101 ")
 
@@ -75,11 +76,12 @@ def test_not_negotiated_when_off_or_not_offered(relay, zrelay):
         assert b"Sec-WebSocket-Extensions" not in off.read_http_head()
         plain.send(handshake_request("/x"))
         assert b"Sec-WebSocket-Extensions" not in plain.read_http_head()
-        # An offer limiting our window below 15 bits is declined, not failed.
+        # An offer limiting our window to 8 bits (which zlib cannot do raw)
+        # is declined, not failed.
         odd.send(
             handshake_request(
                 "/x",
-                extra="Sec-WebSocket-Extensions: permessage-deflate; server_max_window_bits=10\r\n",
+                extra="Sec-WebSocket-Extensions: permessage-deflate; server_max_window_bits=8\r\n",
             )
         )
         head = odd.read_http_head()
@@ -182,3 +184,52 @@ def test_close_frame_is_never_compressed(zrelay):
         assert payload == close_payload(1000, b"x" * 100)
     finally:
         client.close()
+
+
+def inflate_through_window(data: bytes, bits: int) -> bytes:
+    """Inflate as a client keeping only a `bits`-bit window would: output
+    taken 64 bytes at a time, so a reference further back than the window
+    fails ("invalid distance too far back")."""
+    inflater = zlib.decompressobj(-bits)
+    out, rest = b"", data + b"\x00\x00\xff\xff"
+    while rest:
+        out += inflater.decompress(rest, 64)
+        rest = inflater.unconsumed_tail
+    return out
+
+
+def window_offer(bits: int) -> str:
+    return f"Sec-WebSocket-Extensions: permessage-deflate; server_max_window_bits={bits}\r\n"
+
+
+def test_each_server_window_offered_is_honoured(zrelay):
+    """Members asking for a 10-bit, a 12-bit and the default window, and a
+    plain member, in one room: each compressed frame inflates with the
+    window its member asked for (RFC 7692 section 7.1.2.1)."""
+    # Each random block repeats right away (400 bytes back: any window finds
+    # it), and the whole first half repeats 3200 bytes later, which only a
+    # window over 10 bits (1 KiB) reaches.
+    half = b"".join(block + block for block in (os.urandom(400) for _ in range(4)))
+    text = half + half
+    clients = {
+        bits: DeflateClient(zrelay.port, "/windows", window_offer(bits)) for bits in (10, 12)
+    }
+    clients[15] = DeflateClient(zrelay.port, "/windows")
+    plain = RawClient(zrelay.port, "/windows")
+    try:
+        for bits in (10, 12):
+            assert f"server_max_window_bits={bits}".encode() in clients[bits].head
+        assert b"server_max_window_bits" not in clients[15].head
+        plain.send(frame(0x2, text))
+        for bits, client in clients.items():
+            fin, rsv1, opcode, payload = client.recv_raw()
+            assert fin and rsv1 and opcode == 0x2
+            assert inflate_through_window(payload, bits) == text
+        assert plain.recv_frame() == (True, 0x2, text)
+        # A 15-bit stream of the same data does not fit a 10-bit window: the
+        # check above would catch a relay that ignored the offer.
+        with pytest.raises(zlib.error):
+            inflate_through_window(deflate(text), 10)
+    finally:
+        for client in (*clients.values(), plain):
+            client.close()

@@ -108,6 +108,9 @@ def test_config_example_loads_to_the_defaults():
     assert cfg.relay == defaults.relay
     assert cfg.limits == defaults.limits
     assert cfg.timeouts == defaults.timeouts
+    # Optional files left empty stay empty (not resolved to the directory).
+    assert cfg.auth == defaults.auth
+    assert cfg.api == defaults.api
     assert (cfg.server.host, cfg.server.port) == (
         defaults.server.host,
         defaults.server.port,
@@ -139,6 +142,7 @@ KIND_TYPES = {
     "number": float,
     "string": str,
     "list of strings": tuple,
+    "integer or auto": int,
 }
 
 
@@ -192,7 +196,7 @@ def test_defaults_match_the_spec():
         lim.slow_client_policy,
         lim.max_messages_per_second,
         lim.allowed_origins,
-    ) == ("disconnect", 0, ())
+    ) == ("backpressure", 0, ())
     t = cfg.timeouts
     assert (t.handshake, t.shutdown, t.close, t.ping_interval, t.ping_timeout) == (
         10.0,
@@ -623,6 +627,15 @@ PROCESS_CASES = {
         tls_yaml("nope.pem", "key.pem"),
         "server.tls.cert_file: cannot read",
     ),
+    "auth_without_secret": (
+        "auth: {enabled: true}\n",
+        "auth.secret: set one of secret, secret_file or secret_env",
+    ),
+    "auth_secret_file_missing": (
+        "auth: {enabled: true, secret_file: nope.txt}\n",
+        "auth.secret_file: cannot read",
+    ),
+    "api_without_key": ("api: {enabled: true}\n", "api.key: set one of key, key_file or key_env"),
 }
 
 

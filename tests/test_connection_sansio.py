@@ -16,6 +16,8 @@ import os
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fastrelay import handshake
 from fastrelay._frames import CloseCode, Connection, Hub, Opcode, State
@@ -36,14 +38,42 @@ class RecordingTransport:
         self.writes: list[bytes] = []
         self.buffered = 0  # what get_write_buffer_size() reports
         self.closed = False
+        self.eof_written = False  # our side half-closed (write_eof)
         self.aborted = False
+        self.reading = True  # pause_reading() / resume_reading()
+        self.limits: tuple[int, int] | None = None  # set_write_buffer_limits(high, low)
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return ("127.0.0.1", 40000) if name == "peername" else default
 
     def write(self, data: bytes) -> None:
-        assert not (self.closed or self.aborted), "write after close"
+        assert not (self.ended or self.aborted), "write after the end"
         self.writes.append(bytes(data))
+
+    def set_write_buffer_limits(self, high: int, low: int) -> None:
+        self.limits = (high, low)
+
+    def pause_reading(self) -> None:
+        assert self.reading, "paused twice"
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        assert not self.reading, "resumed while reading"
+        self.reading = True
+
+    def can_write_eof(self) -> bool:
+        return True  # like a plain TCP transport
+
+    def write_eof(self) -> None:
+        self.eof_written = True
+
+    def is_closing(self) -> bool:
+        return self.closed or self.aborted
+
+    @property
+    def ended(self) -> bool:
+        """Our side is done: half-closed or closed."""
+        return self.eof_written or self.closed
 
     def get_write_buffer_size(self) -> int:
         return self.buffered
@@ -182,7 +212,7 @@ def test_a_refusal_is_written_then_the_connection_closes() -> None:
     feed(conn, b"POST / HTTP/1.1\r\nHost: x\r\n\r\n")
     relay.loop.run_turn()
     assert transport.take().startswith(b"HTTP/1.1 405 Method Not Allowed\r\n")
-    assert transport.closed and conn.state == State.CLOSED
+    assert transport.ended and conn.state == State.CLOSED
     assert relay.gate.failures == {"method_not_allowed": 1}
     assert relay.hub.connected == 0
 
@@ -204,7 +234,7 @@ def test_the_gate_decides_and_the_connection_acts() -> None:
     feed(conn, REQUEST.format(room="/b").encode())
     relay.loop.run_turn()
     assert transport.take().startswith(b"HTTP/1.1 403 Forbidden\r\n")
-    assert transport.closed and list(relay.hub.rooms) == ["/a"]
+    assert transport.ended and list(relay.hub.rooms) == ["/a"]
 
 
 # -- frame rules -----------------------------------------------------------------
@@ -263,7 +293,7 @@ def test_a_violation_closes_with_its_code_and_spares_the_room(name: str) -> None
     # Nothing was relayed, and the connection is closed after its close frame
     # (RFC 6455 section 7.1.7).
     assert all(opcode == Opcode.CLOSE for _, opcode, _ in frames)
-    assert transport.closed and conn.state == State.CLOSED and conn.close_code == code
+    assert transport.ended and conn.state == State.CLOSED and conn.close_code == code
     assert relay.hub.protocol_errors == 1 and relay.hub.counters()["closes"] == {code: 1}
     assert bystander_out.writes == [] and len(relay.hub.rooms["/r"]) == 1
     # The bystander is still served.
@@ -347,7 +377,7 @@ def test_the_peers_close_is_echoed_then_tcp_closes() -> None:
     relay.loop.run_turn()
     assert frames_of(transport.take()) == [(True, Opcode.CLOSE, close_body(4321, b"see you"))]
     # RFC 6455 section 7.1.1: the server closes the TCP connection first.
-    assert transport.closed and conn.close_code == 4321 and relay.hub.rooms == {}
+    assert transport.ended and conn.close_code == 4321 and relay.hub.rooms == {}
 
 
 def test_an_empty_close_is_answered_with_an_empty_close() -> None:
@@ -366,17 +396,72 @@ def test_shutdown_close_waits_for_the_peer_then_its_deadline() -> None:
     relay.loop.run_turn()
     for conn, transport in ((polite, polite_out), (silent, silent_out)):
         assert frames_of(transport.take()) == [(True, Opcode.CLOSE, close_body(1001, b"bye"))]
-        assert conn.state == State.CLOSING and not transport.closed
+        assert conn.state == State.CLOSING and not transport.ended
     # Data still in flight after our close is discarded (section 5.5.1).
     feed(polite, client_frame(Opcode.TEXT, b"late") + client_frame(Opcode.CLOSE, close_body(1001)))
     relay.loop.run_turn()
-    assert polite_out.writes == [] and polite_out.closed
+    assert polite_out.writes == [] and polite_out.ended
     assert relay.sweep(4.0) == 0 and not silent_out.aborted
     relay.sweep(1.5)
     assert silent_out.aborted and silent.state == State.CLOSED
 
 
+def test_after_a_failure_the_client_is_read_and_dropped_within_a_budget() -> None:
+    """Lingering close: our close frame, then a half-close (write_eof), then
+    what the client still sends is discarded; past 8 x max(max_message_size,
+    1 MiB) the connection is reset."""
+    relay = Relay(max_message_size=1024)
+    conn, transport = relay.join()
+    feed(conn, unmasked(Opcode.TEXT, b"x"))
+    relay.loop.run_turn()
+    assert frames_of(transport.take())[-1][1] == Opcode.CLOSE
+    assert transport.eof_written and not transport.closed
+    chunk = bytes(256 * 1024)
+    for _ in range(32):  # 8 MiB: the whole budget
+        feed(conn, chunk)
+    assert not transport.aborted and transport.writes == []
+    feed(conn, b"x")
+    assert transport.aborted
+
+
 # -- slow clients --------------------------------------------------------------------
+
+
+def test_backpressure_pauses_the_room_until_the_slow_member_drains() -> None:
+    relay = Relay(max_backlog=1 << 20)
+    (_, sender_out), (reader, reader_out) = relay.join(), relay.join()
+    assert reader_out.limits == (1 << 18, 1 << 16)  # a quarter, a sixteenth of max_backlog
+    # The transport reports the reader over its high-water mark.
+    reader_out.buffered = 300_000
+    reader.pause_writing()
+    assert not sender_out.reading and not reader_out.reading
+    late, late_out = relay.join()  # a newcomer waits with the room
+    assert not late_out.reading
+    reader_out.buffered = 1000
+    reader.resume_writing()
+    assert sender_out.reading and reader_out.reading and late_out.reading
+    assert reader.state == State.OPEN and relay.hub.slow_disconnects == 0
+
+
+def test_backpressure_closes_a_member_that_makes_no_progress() -> None:
+    relay = Relay(slow_client_timeout=5.0)
+    (_, sender_out), (stuck, stuck_out) = relay.join(), relay.join()
+    (slow, slow_out) = relay.join()
+    stuck_out.buffered = slow_out.buffered = 300_000
+    stuck.pause_writing()
+    slow.pause_writing()
+    relay.sweep(3.0)
+    slow_out.buffered = 200_000  # the slow one reads a little
+    relay.sweep(2.5)
+    assert frames_of(stuck_out.take()) == [
+        (True, Opcode.CLOSE, close_body(1008, b"reader stalled"))
+    ]
+    assert stuck.state == State.CLOSED and slow.state == State.OPEN
+    assert relay.hub.slow_disconnects == 1
+    assert not sender_out.reading  # the slow one still holds the room
+    relay.sweep(5.5)  # ... and made no progress since
+    assert slow.state == State.CLOSED
+    assert sender_out.reading  # the room goes on
 
 
 def test_disconnect_policy_closes_a_member_over_its_backlog() -> None:
@@ -388,7 +473,7 @@ def test_disconnect_policy_closes_a_member_over_its_backlog() -> None:
     frames = frames_of(slow_out.take())
     assert frames[0] == (True, Opcode.BINARY, b"x" * 100)
     assert frames[1] == (True, Opcode.CLOSE, close_body(1008, b"backlog limit exceeded"))
-    assert slow_out.closed and slow.close_code == CloseCode.POLICY_VIOLATION
+    assert slow_out.ended and slow.close_code == CloseCode.POLICY_VIOLATION
     assert relay.hub.slow_disconnects == 1
     # The room goes on without it.
     feed(sender, client_frame(Opcode.BINARY, b"y"))
@@ -483,3 +568,97 @@ def test_publish_delivers_to_the_rooms_members_once_encoded() -> None:
         assert frames_of(transport.take()) == [(True, Opcode.TEXT, "héllo".encode())]
     with pytest.raises(ValueError):
         relay.hub.publish("/news", False, bytes(1025))
+
+
+# -- the backplane seam ------------------------------------------------------------
+
+
+class RecordingBackplane:
+    """What the hub hands a backplane, recorded."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[str, int, bytes]]] = []
+        self.events: list[tuple[str, str]] = []
+
+    def send_batch(self, batch: list[tuple[str, int, bytes]]) -> None:
+        self.batches.append(batch)
+
+    def room_opened(self, room: str) -> None:
+        self.events.append(("opened", room))
+
+    def room_closed(self, room: str) -> None:
+        self.events.append(("closed", room))
+
+
+def test_local_messages_are_shared_once_per_turn_and_remote_ones_are_not() -> None:
+    relay = Relay(echo=False)
+    backplane = relay.hub.backplane = RecordingBackplane()
+    (sender, sender_out), (other, other_out) = relay.join("/b"), relay.join("/b")
+    assert backplane.events == [("opened", "/b")]
+    feed(sender, client_frame(Opcode.TEXT, b"one") + client_frame(Opcode.BINARY, b"two"))
+    relay.loop.run_turn()
+    assert backplane.batches == [[("/b", Opcode.TEXT, b"one"), ("/b", Opcode.BINARY, b"two")]]
+    # From another process: every local member gets it (the sender is
+    # elsewhere), and it is not published again.
+    assert relay.hub.deliver("/b", Opcode.TEXT, b"remote") == 2
+    assert relay.hub.deliver("/nobody", Opcode.TEXT, b"x") == 0
+    relay.loop.run_turn()
+    assert len(backplane.batches) == 1
+    assert frames_of(sender_out.take()) == [(True, Opcode.TEXT, b"remote")]
+    assert frames_of(other_out.take())[-1] == (True, Opcode.TEXT, b"remote")
+    sender.connection_lost(None)
+    other.connection_lost(None)
+    assert backplane.events == [("opened", "/b"), ("closed", "/b")]
+
+
+def test_a_lone_member_without_echo_still_reaches_other_processes() -> None:
+    relay = Relay(echo=False)
+    backplane = relay.hub.backplane = RecordingBackplane()
+    sender, sender_out = relay.join("/solo")
+    feed(sender, client_frame(Opcode.TEXT, b"anyone?"))
+    relay.loop.run_turn()
+    assert sender_out.writes == []
+    assert backplane.batches == [[("/solo", Opcode.TEXT, b"anyone?")]]
+
+
+# -- text validated as it arrives ---------------------------------------------------
+
+
+def test_invalid_utf8_early_in_a_long_text_frame_closes_at_once() -> None:
+    relay = Relay()
+    conn, transport = relay.join()
+    whole = client_frame(Opcode.TEXT, b"fine so far \xff" + b"x" * 500_000)
+    feed(conn, whole[:2048])  # the frame is far from complete
+    relay.loop.run_turn()
+    frames = frames_of(transport.take())
+    assert frames == [(True, Opcode.CLOSE, close_body(1007, b"invalid UTF-8"))]
+    assert conn.state == State.CLOSED
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    text=st.text(min_size=0, max_size=3000),
+    pieces=st.integers(min_value=1, max_value=4),
+    cuts=st.lists(st.integers(min_value=1, max_value=997), min_size=1, max_size=12),
+)
+def test_text_checked_as_it_arrives_is_relayed_intact(
+    text: str, pieces: int, cuts: list[int]
+) -> None:
+    """Any split of the reads, any fragmentation, multi-byte characters cut
+    anywhere: the bytes relayed are the bytes sent."""
+    relay = Relay(max_message_size=1 << 20)
+    conn, transport = relay.join()
+    data = text.encode()
+    step = max(1, len(data) // pieces)
+    parts = [data[i : i + step] for i in range(0, len(data), step)] or [b""]
+    stream = b"".join(
+        client_frame(Opcode.TEXT if i == 0 else Opcode.CONTINUATION, part, fin=i == len(parts) - 1)
+        for i, part in enumerate(parts)
+    )
+    start = 0
+    for cut in cuts:
+        feed(conn, stream[start : start + cut])
+        start += cut
+    feed(conn, stream[start:])
+    relay.loop.run_turn()
+    assert frames_of(transport.take()) == [(True, Opcode.TEXT, data)]

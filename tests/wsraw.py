@@ -51,8 +51,15 @@ def close_payload(code: int, reason: bytes = b"") -> bytes:
 
 
 class RawClient:
-    def __init__(self, port: int, path: str = "/", *, handshake: bool = True) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    def __init__(
+        self, port: int, path: str = "/", *, handshake: bool = True, rcvbuf: int = 0
+    ) -> None:
+        self.sock = socket.socket()
+        self.sock.settimeout(TIMEOUT)
+        if rcvbuf:
+            # Before connect, so the window the relay sees is small from the start.
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.connect(("127.0.0.1", port))
         self.buf = b""
         if handshake:
             self.sock.sendall(handshake_request(path))

@@ -36,8 +36,16 @@ async def listen(args: argparse.Namespace) -> Listening:
     # generator does not offer permessage-deflate; keep the comparison even.
     # max_queue is larger than the default 16 so a burst from a sender's
     # in-flight window does not stall reading every 16 messages.
+    # open_timeout: the spot check's handshake arrives while the relay is
+    # saturated by the load; the default 10 s dropped it once on a busy VM.
     server = await serve(
-        handler, args.host, args.port, compression=None, max_queue=1024, backlog=1024
+        handler,
+        args.host,
+        args.port,
+        compression=None,
+        max_queue=1024,
+        backlog=1024,
+        open_timeout=60,
     )
 
     async def close() -> None:

@@ -1,0 +1,376 @@
+"""The Redis pub/sub backplane: rooms shared by processes and hosts.
+
+The hub hands over each loop turn's local messages in one call
+(`send_batch`); they wait in a queue bounded in bytes until the writer task
+publishes them. All messages of one room in a batch travel as one Redis
+message (a packet), and all packets of a batch as one pipeline: one write,
+whatever the number of messages. Packets published by other processes are
+read by the reader task and handed to `Hub.deliver`, which encodes each
+message once into the turn's arena like a local one.
+
+Each room has its own channel (prefix + room, UTF-8), subscribed while the
+room has local members. A packet starts with the publishing process's
+random id, so a process drops its own packets when Redis sends them back.
+One connection publishes, in order, so a sender's messages keep their order.
+
+When Redis is unreachable local delivery goes on; the messages meant for
+other processes are dropped and counted, and a session is retried with
+capped exponential backoff and jitter. A new session subscribes every
+room that has local members before it counts as connected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import struct
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
+
+import redis.asyncio as redis
+from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from .config import BackplaneConfig, redact_url
+
+if TYPE_CHECKING:
+    from ._frames import Hub
+
+# A packet: version, the publishing process's id, then per message its
+# opcode, payload length and payload.
+PACKET_VERSION = 1
+ORIGIN_SIZE = 8
+_HEAD = struct.Struct(">B8s")
+_ENTRY = struct.Struct(">BI")
+
+# A room's messages of one batch go in packets of about this size, so one
+# busy room cannot make a single huge Redis message.
+PACKET_TARGET = 256 * 1024
+
+RECONNECT_MIN_DELAY = 0.1
+# An idle publishing connection is checked this often, so a Redis that
+# went away silently is noticed without waiting for the next message.
+IDLE_PING_INTERVAL = 10.0
+CONNECT_TIMEOUT = 5.0
+# Seconds Redis may take to answer a pipeline before the session is
+# deemed lost.
+COMMAND_TIMEOUT = 10.0
+CLOSE_TIMEOUT = 2.0
+
+
+class PacketError(ValueError):
+    """A message on one of our channels that is not a packet we can read."""
+
+
+def encode_packets(origin: bytes, messages: list[tuple[int, bytes]]) -> Iterator[bytes]:
+    """One room's messages as packets of about PACKET_TARGET bytes, in order."""
+    parts = [_HEAD.pack(PACKET_VERSION, origin)]
+    size = _HEAD.size
+    for opcode, payload in messages:
+        if size > _HEAD.size and size + len(payload) > PACKET_TARGET:
+            yield b"".join(parts)
+            parts = [parts[0]]
+            size = _HEAD.size
+        parts.append(_ENTRY.pack(opcode, len(payload)))
+        parts.append(payload)
+        size += _ENTRY.size + len(payload)
+    yield b"".join(parts)
+
+
+def decode_packet(data: bytes) -> tuple[bytes, list[tuple[int, memoryview]]]:
+    """(origin, [(opcode, payload)]) of a packet; payloads are views, not copies."""
+    if len(data) < _HEAD.size:
+        raise PacketError("shorter than a packet header")
+    version, origin = _HEAD.unpack_from(data)
+    if version != PACKET_VERSION:
+        raise PacketError(f"packet version {version}")
+    view = memoryview(data)
+    messages = []
+    at = _HEAD.size
+    while at < len(data):
+        if at + _ENTRY.size > len(data):
+            raise PacketError("truncated message header")
+        opcode, length = _ENTRY.unpack_from(data, at)
+        at += _ENTRY.size
+        if at + length > len(data):
+            raise PacketError("truncated message")
+        messages.append((opcode, view[at : at + length]))
+        at += length
+    return origin, messages
+
+
+class RedisBackplane:
+    """What the hub calls (`send_batch`, `room_opened`, `room_closed`:
+    never blocking, never raising) and the tasks that talk to Redis.
+
+    start() begins connecting in the background; close() stops.
+    """
+
+    def __init__(self, settings: BackplaneConfig, hub: Hub, log: logging.Logger) -> None:
+        self.settings = settings
+        self.hub = hub
+        self.log = log
+        self.where = redact_url(settings.url)
+        self.prefix = settings.channel_prefix.encode("utf-8")
+        self.origin = os.urandom(ORIGIN_SIZE)
+        self.connected = False
+        # The queue to Redis: (room, opcode, payload) in the hub's order.
+        self.queue: list[tuple[str, int, bytes]] = []
+        self.queued_bytes = 0  # queued plus being published
+        self.subscribed: set[bytes] = set()
+        self.wake_writer = asyncio.Event()
+        self.rooms_changed = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        # Counters read at scrape time.
+        self.published = 0  # messages handed to Redis
+        self.received = 0  # messages from other processes
+        self.dropped = 0  # messages other processes did not get from us
+        self.reconnects = 0  # sessions started again after one was lost
+        # Messages from other processes the hub relayed (it counts them with
+        # the local ones; the metrics report them apart).
+        self.relayed_remote = 0
+        self.foreign_warned = False
+
+    # -- the hub's side: synchronous, never raises --------------------------------
+
+    def send_batch(self, batch: list[tuple[str, int, bytes]]) -> None:
+        if not self.connected:
+            self.dropped += len(batch)
+            return
+        limit = self.settings.max_queue_bytes
+        for message in batch:
+            size = len(message[2])
+            if self.queued_bytes + size > limit:
+                self.dropped += 1  # local members have it already
+                continue
+            self.queue.append(message)
+            self.queued_bytes += size
+        self.wake_writer.set()
+
+    def room_opened(self, room: str) -> None:
+        self.rooms_changed.set()
+
+    def room_closed(self, room: str) -> None:
+        self.rooms_changed.set()
+
+    def counters(self) -> dict[str, int]:
+        return {
+            "backplane_connected": int(self.connected),
+            "backplane_published_total": self.published,
+            "backplane_received_total": self.received,
+            "backplane_dropped_total": self.dropped,
+            "backplane_reconnects_total": self.reconnects,
+            "backplane_queued_bytes": self.queued_bytes,
+        }
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self.run())
+
+    async def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            # Bounded: closing redis-py's connections can wait on a socket
+            # that is being connected; shutdown must not.
+            await asyncio.wait([self.task], timeout=CLOSE_TIMEOUT)
+            self.task = None
+
+    def channel(self, room: str) -> bytes:
+        return self.prefix + room.encode("utf-8")
+
+    def client(self) -> redis.Redis:
+        options: dict[str, Any] = {}
+        if self.settings.password_env:
+            options["password"] = os.environ.get(self.settings.password_env)
+        if self.settings.ca_file:
+            options["ssl_ca_certs"] = self.settings.ca_file
+        return redis.Redis.from_url(
+            self.settings.url,
+            # Reconnecting is ours to do (resubscribe, count, log), not the
+            # client's: every error ends the session.
+            retry=Retry(NoBackoff(), 0),
+            socket_connect_timeout=CONNECT_TIMEOUT,
+            socket_timeout=COMMAND_TIMEOUT,
+            **options,
+        )
+
+    async def run(self) -> None:
+        """Sessions, one after another, for as long as the relay runs."""
+        delay = RECONNECT_MIN_DELAY
+        ever_connected = False
+        warned = False
+        while True:
+            client = self.client()
+            pubsub = client.pubsub()
+            try:
+                await self.open_session(client, pubsub)
+                if ever_connected:
+                    self.reconnects += 1
+                    self.log.info(
+                        "backplane: Redis at %s is back; %d rooms subscribed",
+                        self.where,
+                        len(self.subscribed),
+                    )
+                else:
+                    self.log.info("backplane: connected to Redis at %s", self.where)
+                ever_connected = True
+                warned = False
+                delay = RECONNECT_MIN_DELAY
+                await self.serve_session(client, pubsub)
+            except (RedisError, OSError) as e:
+                if not warned:
+                    self.log.warning(
+                        "backplane: %s Redis at %s (%s); local rooms go on, messages to "
+                        "other processes are dropped until it is back",
+                        "lost" if self.connected else "cannot reach",
+                        self.where,
+                        redact_error(e, self.settings),
+                    )
+                    warned = True
+            finally:
+                self.end_session()
+                # redis-py leaves these two unannotated.
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await client.aclose()
+            # Full jitter in the upper half: processes that lost Redis
+            # together do not all come back in the same instant.
+            await asyncio.sleep(random.uniform(delay / 2, delay))
+            delay = min(delay * 2, self.settings.reconnect_max_delay)
+
+    async def open_session(self, client: redis.Redis, pubsub: PubSub) -> None:
+        await client.ping()
+        await pubsub.connect()  # type: ignore[no-untyped-call]
+        self.subscribed = set()
+        await self.sync_subscriptions(pubsub)
+        self.connected = True
+
+    def end_session(self) -> None:
+        self.connected = False
+        # What is still queued will not reach the other processes.
+        self.dropped += len(self.queue)
+        self.queue = []
+        self.queued_bytes = 0
+        self.subscribed = set()
+
+    async def serve_session(self, client: redis.Redis, pubsub: PubSub) -> None:
+        """Run the three loops of a session; the first to fail ends them all."""
+        loop = asyncio.get_running_loop()
+        tasks = [
+            loop.create_task(self.read_loop(pubsub)),
+            loop.create_task(self.write_loop(client)),
+            loop.create_task(self.subscription_loop(pubsub)),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()  # raises the failure that ended the session
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- the session's loops --------------------------------------------------------
+
+    async def sync_subscriptions(self, pubsub: PubSub) -> None:
+        """Subscribe the channels of rooms with local members, drop the others."""
+        wanted = {self.channel(room) for room in self.hub.rooms}
+        new = wanted - self.subscribed
+        gone = self.subscribed - wanted
+        if new:
+            await pubsub.subscribe(*new)
+            self.subscribed |= new
+        if gone:
+            await pubsub.unsubscribe(*gone)
+            self.subscribed -= gone
+
+    async def subscription_loop(self, pubsub: PubSub) -> None:
+        while True:
+            await self.rooms_changed.wait()
+            self.rooms_changed.clear()
+            await self.sync_subscriptions(pubsub)
+
+    async def write_loop(self, client: redis.Redis) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self.wake_writer.wait(), IDLE_PING_INTERVAL)
+            except asyncio.TimeoutError:
+                await client.ping()
+                continue
+            self.wake_writer.clear()
+            # Whatever queued while the previous pipeline was in flight goes
+            # in this one.
+            while self.queue:
+                batch, self.queue = self.queue, []
+                size = sum(len(payload) for _, _, payload in batch)
+                try:
+                    await self.publish(client, batch)
+                except BaseException:
+                    self.dropped += len(batch)  # maybe published, maybe not
+                    raise
+                finally:
+                    self.queued_bytes -= size
+                self.published += len(batch)
+
+    async def publish(self, client: redis.Redis, batch: list[tuple[str, int, bytes]]) -> None:
+        by_room: dict[str, list[tuple[int, bytes]]] = {}
+        for room, opcode, payload in batch:
+            by_room.setdefault(room, []).append((opcode, payload))
+        pipe = client.pipeline(transaction=False)
+        for room, messages in by_room.items():
+            channel = self.channel(room)
+            for packet in encode_packets(self.origin, messages):
+                pipe.publish(channel, packet)
+        await pipe.execute()
+
+    async def read_loop(self, pubsub: PubSub) -> None:
+        hub = self.hub
+        prefix_len = len(self.prefix)
+        while True:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+            if message is None or message["type"] != "message":
+                continue
+            data = message["data"]
+            if data[1 : 1 + ORIGIN_SIZE] == self.origin:
+                continue  # ours, back from Redis: local members have it
+            try:
+                _, messages = decode_packet(data)
+                room = message["channel"][prefix_len:].decode("utf-8")
+            except (PacketError, UnicodeDecodeError) as e:
+                self.foreign_message(message["channel"], e)
+                continue
+            before = hub.messages
+            for opcode, payload in messages:
+                hub.deliver(room, opcode, payload)
+            self.received += len(messages)
+            self.relayed_remote += hub.messages - before
+
+    def foreign_message(self, channel: bytes, problem: Exception) -> None:
+        # Someone else publishes on our channels (a prefix shared with
+        # another application?): say so once, ignore what they send.
+        if not self.foreign_warned:
+            self.foreign_warned = True
+            self.log.warning(
+                "backplane: ignoring messages on %r that fastrelay did not publish (%s)",
+                channel,
+                problem,
+            )
+
+
+def redact_error(error: BaseException, settings: BackplaneConfig) -> str:
+    """An exception's text without the password (some errors quote the URL)."""
+    text = " ".join((str(error) or type(error).__name__).splitlines())
+    password = redis_password(settings)
+    return text.replace(password, "***") if password else text
+
+
+def redis_password(settings: BackplaneConfig) -> str | None:
+    if settings.password_env:
+        return os.environ.get(settings.password_env)
+    password = urlsplit(settings.url).password
+    return unquote(password) if password else None

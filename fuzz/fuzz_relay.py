@@ -52,22 +52,42 @@ REQUEST = (
 
 
 class RecordingTransport:
-    """Just enough of a transport: the relay writes through it (no socket,
-    so never the direct path) and may close or abort it."""
+    """Just enough of a plain TCP transport: the relay writes through it (no
+    socket, so never the direct path), may pause and resume reading, may
+    half-close it (write_eof) and close or abort it."""
 
     def __init__(self) -> None:
         self.out = bytearray()
+        self.eof_written = False
         self.closed = False
 
     def get_extra_info(self, name, default=None):
         return default
 
+    def set_write_buffer_limits(self, high: int, low: int) -> None:
+        pass
+
     def write(self, data: bytes) -> None:
-        assert not self.closed, "write after close"
+        assert not (self.closed or self.eof_written), "write after the end"
         self.out += data
 
     def get_write_buffer_size(self) -> int:
         return 0
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.eof_written = True
+
+    def is_closing(self) -> bool:
+        return self.closed
 
     def close(self) -> None:
         self.closed = True

@@ -29,6 +29,7 @@ built from the .pyx carried by the sdist. Cython comes from
 [build-system].requires.
 """
 
+import glob
 import os
 import sys
 
@@ -95,13 +96,11 @@ def extension(name: str) -> Extension:
     return Extension(
         f"fastrelay.{name}",
         [f"fastrelay/{name}.pyx"],
-        # The .pxd, the .pxi includes and the C header are part of the module's source.
+        # The .pxd, the .pxi includes and the C headers are part of the module's source.
         depends=[
             "fastrelay/_frames.pxd",
-            "fastrelay/_codec.pxi",
-            "fastrelay/_utf8.pxi",
-            "fastrelay/_grow.pxi",
-            "fastrelay/_compat.h",
+            *sorted(glob.glob("fastrelay/*.pxi")),
+            *sorted(glob.glob("fastrelay/*.h")),
         ],
         extra_compile_args=compile_args,
         extra_link_args=link_args,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import urllib.request
 from urllib.parse import unquote_to_bytes
 
 import pytest
@@ -251,3 +252,33 @@ def test_a_password_from_the_environment_is_used_and_never_logged(
         server.stop()
     for relay in (a, b):
         assert secret not in relay.stderr.text() + relay.stdout.text()
+
+
+def test_a_publish_through_the_api_reaches_members_on_every_process(relay_factory, redis_server):
+    """The HTTP publish API (issue 13) on one relay, members on another: the
+    message crosses the backplane like any other."""
+    key = "publish-api-key-0123456789abcdef"
+    config = merged(
+        merged(METRICS_ON, backplane(redis_server)), {"api": {"enabled": True, "key": key}}
+    )
+    publisher, other = relay_factory(config, name="api"), relay_factory(config, name="other")
+    room = "/announcements"
+
+    async def main():
+        far = await connect(other.ws(room)).__aenter__()
+        near = await connect(publisher.ws(room)).__aenter__()
+        await asyncio.to_thread(redis_server.wait_subscribers, channel(room), 2)
+        request = urllib.request.Request(
+            publisher.metrics_url.rsplit("/", 1)[0] + "/publish" + room,
+            data=b"to everyone",
+            method="POST",
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "text/plain"},
+        )
+        answer = await asyncio.to_thread(urllib.request.urlopen, request, timeout=20)
+        assert answer.status == 200
+        for ws in (near, far):
+            assert await recv(ws) == "to everyone"
+        for ws in (near, far):
+            await ws.close()
+
+    run(main())

@@ -63,14 +63,18 @@ cdef extern from "<sys/socket.h>" nogil:
         size_t msg_controllen
         int msg_flags
     ssize_t sendmsg(int fd, const msghdr *msg, int flags)
-    int MSG_NOSIGNAL
-    int MSG_DONTWAIT
     struct linger:
         int l_onoff
         int l_linger
     int setsockopt(int fd, int level, int name, const void *value, unsigned int size)
     int SOL_SOCKET
     int SO_LINGER
+
+
+# The sendmsg flags, or 0 where the platform lacks one (see the header).
+cdef extern from "_compat.h" nogil:
+    int MSG_NOSIGNAL "FASTRELAY_MSG_NOSIGNAL"
+    int MSG_DONTWAIT "FASTRELAY_MSG_DONTWAIT"
 
 
 cdef extern from "<errno.h>" nogil:

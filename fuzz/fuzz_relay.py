@@ -1,5 +1,19 @@
 """Coverage-guided fuzzing of fastrelay's parsers with atheris, for long
-runs outside CI (the test suite runs the hypothesis fuzzers).
+runs outside CI (the test suite runs the hypothesis fuzzers; CI runs this
+harness for a minute against the sanitizer build).
+
+Against the AddressSanitizer + UBSan build of the compiled modules, which
+is what finds memory errors in them:
+
+    bash .ci/sanitizers.sh fuzz -max_total_time=3600       # any libFuzzer arguments
+
+That builds the modules with FASTRELAY_SANITIZE=fuzz in a temp copy of the
+tree, preloads atheris' own runtime (clang's ASan + UBSan with libFuzzer,
+asan_with_fuzzer.so) and runs this file with -use_value_profile=1, so the
+compiled code's comparisons guide the search as well as the Python lines;
+crashes are written to artifacts/fuzz/. Replay one with
+`bash .ci/sanitizers.sh fuzz artifacts/fuzz/crash-<hash>`. Without the
+script (no sanitizer, Python coverage only):
 
     pip install atheris
     python fuzz/fuzz_relay.py -atheris_runs=2000000        # or -max_total_time=3600
@@ -38,22 +52,42 @@ REQUEST = (
 
 
 class RecordingTransport:
-    """Just enough of a transport: the relay writes through it (no socket,
-    so never the direct path) and may close or abort it."""
+    """Just enough of a plain TCP transport: the relay writes through it (no
+    socket, so never the direct path), may pause and resume reading, may
+    half-close it (write_eof) and close or abort it."""
 
     def __init__(self) -> None:
         self.out = bytearray()
+        self.eof_written = False
         self.closed = False
 
     def get_extra_info(self, name, default=None):
         return default
 
+    def set_write_buffer_limits(self, high: int, low: int) -> None:
+        pass
+
     def write(self, data: bytes) -> None:
-        assert not self.closed, "write after close"
+        assert not (self.closed or self.eof_written), "write after the end"
         self.out += data
 
     def get_write_buffer_size(self) -> int:
         return 0
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.eof_written = True
+
+    def is_closing(self) -> bool:
+        return self.closed
 
     def close(self) -> None:
         self.closed = True

@@ -48,6 +48,24 @@ BUF_SIZE = 128 * 1024  # per-client receive buffer (fixed, never resized)
 SMALL_BUF = 8 * 1024  # for idle clients that receive almost nothing
 INF = 1 << 62
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # linux/in.h
+PORTS_PER_SOURCE = 4000  # see source_addresses()
+
+
+def source_addresses(clients: int) -> list[str]:
+    """Loopback source addresses for `clients` connections to one server
+    port: 127.0.0.1 alone up to PORTS_PER_SOURCE, then .2, .3, ...
+
+    One address could hold the whole ephemeral range (~28,000), but connect()
+    searches that range for a free port, and the search grows as it fills:
+    with 19,000 clients on one address the load generator spent its core in
+    the kernel and measured 3.1 k handshakes/s; spread over 5 addresses,
+    20 k/s (python bench/run.py --servers fastrelay --workloads connections
+    --connections 5000,19000 --reps 2, before and after)."""
+    n = max(1, -(-clients // PORTS_PER_SOURCE))
+    if n > 254:
+        raise ValueError("%d clients need more than 254 loopback source addresses" % clients)
+    return ["127.0.0.%d" % (i + 1) for i in range(n)]
 
 
 class HandshakeError(Exception):
@@ -755,12 +773,19 @@ class Connector:
     loop watches, so each step (connected, response readable) is one poll
     result and a few syscalls: no task, future or reader registration per
     connection, which would cost the load generator more than the server.
+
+    `sources`: local addresses the clients connect from, in turn (bound
+    with IP_BIND_ADDRESS_NO_PORT, so the port is picked at connect time per
+    4-tuple). One source address to one server port gives at most the
+    ephemeral range (about 28,000 on Linux) of connections; 127.0.0.0/8 is
+    all loopback, so 127.0.0.2, .3, ... each add as many again.
     """
 
-    def __init__(self, host: str, port: int, concurrency: int) -> None:
+    def __init__(self, host: str, port: int, concurrency: int, sources: Sequence[str] = ()) -> None:
         self.addr = (host, port)
         self.host, self.port = host, port
         self.concurrency = concurrency
+        self.sources = list(sources)
         self.loop = asyncio.get_running_loop()
         self.ep = select.epoll()
         self.inflight: dict[int, list] = {}  # fd -> [member, sock, request, accept, head]
@@ -805,10 +830,19 @@ class Connector:
         m = self.members[self.next]
         self.next += 1
         request, accept = upgrade_request(self.host, self.port, m.room.path)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            # EMFILE here (the open-files limit) must end the run at once, not
+            # leave it waiting for handshakes that were never started.
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        except OSError as exc:
+            self._fail(OSError(exc.errno, "client %d: socket(): %s" % (self.next, exc.strerror)))
+            return
         sock.setblocking(False)
         # Senders write a few frames at a time; Nagle would hold them back.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.sources:
+            sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((self.sources[self.next % len(self.sources)], 0))
         err = sock.connect_ex(self.addr)
         if err not in (0, errno.EINPROGRESS):
             sock.close()
@@ -868,9 +902,10 @@ async def connect_members(
     concurrency: int,
     timeout: float,
     progress: Optional[Callable[[int], None]] = None,
+    sources: Sequence[str] = (),
 ) -> tuple[float, float]:
     """Open every member's connection; returns (start, end) times."""
-    conn = Connector(host, port, concurrency)
+    conn = Connector(host, port, concurrency, sources)
     try:
         return await asyncio.wait_for(conn.run(members, progress), timeout)
     finally:

@@ -58,6 +58,7 @@ from bench.workloads import (  # noqa: E402
     RUNNERS,
     Settings,
     Workload,
+    connections_workload,
     default_workloads,
     latency_workload,
 )
@@ -140,7 +141,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=None,
         help="latency workload offered msg/s, comma-separated (default 1000,2000)",
     )
-    p.add_argument("--connections", type=int, default=None, help="idle connections workload size")
+    p.add_argument(
+        "--connections",
+        default=None,
+        help="idle connections workload sizes, comma-separated (default 5000); more than "
+        "20,000 connect from 127.0.0.1, .2, ... and need an open-files limit above the count",
+    )
+    p.add_argument(
+        "--handshakes-in-flight",
+        type=int,
+        default=None,
+        help="most handshakes the load generator keeps in flight while connecting (default 100)",
+    )
     p.add_argument(
         "--no-spot-check",
         action="store_true",
@@ -208,6 +220,8 @@ def settings(args: argparse.Namespace) -> tuple[Settings, int]:
         spot_check=not args.no_spot_check,
         drain_timeout=10.0 if q else 30.0,
     )
+    if args.handshakes_in_flight:
+        s.concurrency = args.handshakes_in_flight
     if args.queue_ms is not None:
         s.queue_fanout = s.queue_rooms = args.queue_ms / 1000.0
     reps = args.reps if args.reps is not None else (1 if q else 3)
@@ -228,11 +242,17 @@ def pick_workloads(args: argparse.Namespace) -> list[Workload]:
             ws = [w for w in ws if w.kind != "latency"]
             ws[at:at] = [latency_workload(members, r) for r in rates]
     if args.connections:
-        for w in ws:
-            if w.kind == "connections":
-                w.params["clients"] = args.connections
-                w.key = "connections-%d" % args.connections
-                w.label = "%d idle connections" % args.connections
+        try:
+            sizes = [int(n) for n in args.connections.split(",") if n.strip()]
+        except ValueError:
+            raise SystemExit(
+                "--connections wants client counts, comma-separated, got %r" % args.connections
+            ) from None
+        conn = [w for w in ws if w.kind == "connections"]
+        if conn:
+            at = ws.index(conn[0])
+            ws = [w for w in ws if w.kind != "connections"]
+            ws[at:at] = [connections_workload(n, conn[0].params["room_size"]) for n in sizes]
     if args.workloads:
         kinds = {k.strip() for k in args.workloads.split(",") if k.strip()}
         bad = kinds - set(RUNNERS)
@@ -259,11 +279,28 @@ def pin() -> tuple[int | None, int | None, str]:
     )
 
 
-def raise_nofile() -> int:
+def raise_nofile(want: int = 0) -> int:
+    """Raise the open-files limit to the hard limit, or to `want` when that is
+    higher and the process may (root, or CAP_SYS_RESOURCE; up to
+    fs.nr_open). The servers inherit the new hard limit. Returns the soft
+    limit now in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if want > hard and hard != resource.RLIM_INFINITY:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+            return want
+        except (ValueError, OSError):
+            pass  # not allowed: the hard limit is what we get; run_all says so
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def files_needed(workloads: list[Workload]) -> int:
+    """Descriptors the load generator needs: one per client of the largest
+    workload, plus room for epoll sets, pipes and the spot check."""
+    clients = [w.params.get("clients", w.params.get("members", 0)) for w in workloads]
+    return max(clients, default=0) + 1024
 
 
 def progress_cell(r: RunResult) -> str:
@@ -359,7 +396,7 @@ async def run_all(args: argparse.Namespace, specs: list[ServerSpec], code: CodeS
         servers=[sp.name for sp in specs],
         reps=reps,
         pinning=pin_note,
-        nofile=raise_nofile(),
+        nofile=raise_nofile(files_needed(workloads)),
         numpy=wire.HAVE_NUMPY,
         settings=s,
         machine=machine(),
@@ -377,6 +414,12 @@ async def run_all(args: argparse.Namespace, specs: list[ServerSpec], code: CodeS
         "%s; RLIMIT_NOFILE %d; servers: %s; %d repetition(s); %.1fs warmup + %.1fs measured"
         % (pin_note, meta.nofile, ", ".join(meta.servers), reps, s.warmup, s.duration)
     )
+    if meta.nofile < files_needed(workloads):
+        log(
+            "warning: RLIMIT_NOFILE %d is below the %d descriptors the largest workload needs "
+            "(the hard limit cannot be raised without root or CAP_SYS_RESOURCE): expect "
+            "'Too many open files'" % (meta.nofile, files_needed(workloads))
+        )
     if not wire.HAVE_NUMPY:
         log(
             "warning: numpy not installed; verification runs per frame in Python "

@@ -21,6 +21,7 @@ from .loadgen import (
     SpotCheck,
     close_members,
     connect_members,
+    source_addresses,
 )
 from .meter import Meter, usage_between
 from .records import Flow, Handshakes, Latency, Measured, Throughput, Verdict
@@ -91,15 +92,17 @@ def default_workloads(quick: bool) -> list[Workload]:
             rooms,
         )
     )
-    out.append(
-        Workload(
-            "connections-%d" % conns["clients"],
-            "connections",
-            "%d idle connections" % conns["clients"],
-            conns,
-        )
-    )
+    out.append(connections_workload(conns["clients"], conns["room_size"]))
     return out
+
+
+def connections_workload(clients: int, room_size: int) -> Workload:
+    return Workload(
+        "connections-%d" % clients,
+        "connections",
+        "%d idle connections" % clients,
+        dict(clients=clients, room_size=room_size),
+    )
 
 
 class WindowControl:
@@ -248,6 +251,7 @@ async def _open(
         s.concurrency,
         s.connect_timeout,
         progress if len(members) >= 2000 else None,
+        source_addresses(len(members)),
     )
 
 

@@ -24,6 +24,9 @@ class Usage:
     client: float  # the load generator (this process)
     server: float  # the server's whole process tree
     other: float  # everything else on the machine
+    # Fraction of the window spent runnable but waiting for a CPU (schedstat).
+    client_runq: float = float("nan")
+    server_runq: float = float("nan")
 
 
 @dataclass
@@ -123,8 +126,11 @@ class RunResult:
         return None
 
     def server_ns_per_delivery(self) -> float | None:
-        """Server CPU time per delivery in the measured window."""
+        """Server CPU time per delivery in the measured window; for idle
+        connections, per handshake (the unit of work of that workload)."""
         f = self.figures
+        if self.usage is not None and isinstance(f, Handshakes) and f.clients:
+            return self.usage.server * self.usage.wall / f.clients * 1e9
         if self.usage is None or not isinstance(f, (Throughput, Latency)) or not f.deliveries:
             return None
         return self.usage.server * self.usage.wall / f.deliveries * 1e9
@@ -162,6 +168,7 @@ class SummaryRow:
     client_cpu: Stats | None
     server_cpu: Stats | None
     other_cpu: Stats | None
+    server_runq: Stats | None = None  # server runnable but waiting for its CPU
     p50_ms: Stats | None = None  # latency
     max_ms: Stats | None = None  # latency
     rss_per_conn: Stats | None = None  # idle connections

@@ -319,11 +319,16 @@ def progress_cell(r: RunResult) -> str:
             report.ms(f.max_ms),
         )
     else:
-        main = "%s handshakes/s %s/conn" % (report.si(f.per_s), report.kib(f.rss_per_conn))
-    return "%s  client %s server %s%s" % (
+        main = "%s handshakes/s %s/conn, server %s/handshake" % (
+            report.si(f.per_s),
+            report.kib(f.rss_per_conn),
+            report.ns(r.server_ns_per_delivery()),
+        )
+    return "%s  client %s server %s (waiting for CPU %s)%s" % (
         main,
         report.pct(u.client),
         report.pct(u.server),
+        report.pct(u.server_runq),
         "  (other processes %s!)" % report.pct(u.other) if u.other > report.QUIET else "",
     )
 

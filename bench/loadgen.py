@@ -36,11 +36,13 @@ import hashlib
 import os
 import select
 import socket
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from typing import Optional
 
 from . import wire
+from .tls import TLSStream
 from .wire import BLOCK, CFRAME, FRAME, FrameFactory, RefStream, StreamVerifier
 
 VERIFY_AT = 96 * 1024  # bytes buffered by a client before a bulk check
@@ -274,10 +276,10 @@ class Member:
         room.add(self)
 
     # -- connection ------------------------------------------------------
-    def handshake_done(self, sock: socket.socket, head: bytes, accept: bytes) -> None:
-        """Check the server's 101 response (head: everything read so far)."""
-        end = head.find(b"\r\n\r\n")
-        lines = head[:end].decode("latin-1").split("\r\n")
+    @staticmethod
+    def check_response(head: bytes, accept: bytes) -> None:
+        """A 101 with the right Sec-WebSocket-Accept, or HandshakeError."""
+        lines = head.decode("latin-1").split("\r\n")
         if not lines[0].startswith("HTTP/1.1 101"):
             raise HandshakeError("server answered %r" % lines[0])
         got = None
@@ -287,6 +289,11 @@ class Member:
                 got = value.strip().encode()
         if got != accept:
             raise HandshakeError("bad Sec-WebSocket-Accept %r" % got)
+
+    def handshake_done(self, sock: socket.socket, head: bytes, accept: bytes) -> None:
+        """Check the server's 101 response (head: everything read so far)."""
+        end = head.find(b"\r\n\r\n")
+        self.check_response(head[:end], accept)
         self.sock = sock
         self.fd = sock.fileno()
         self.closed = asyncio.get_running_loop().create_future()
@@ -663,8 +670,9 @@ class SpotCheck:
     a tail of messages after the measured window, where it costs nothing.
     """
 
-    def __init__(self, url: str, senders: list[int]) -> None:
+    def __init__(self, url: str, senders: list[int], tls: Optional[ssl.SSLContext] = None) -> None:
         self.url = url
+        self.tls = tls
         self.senders = list(senders)
         self.first: dict[int, int] = {}
         self.next_seq: dict[int, int] = {}
@@ -684,6 +692,7 @@ class SpotCheck:
         # slow spot check never pushes back on the server under test.
         self.ws = await connect(
             self.url,
+            ssl=self.tls,
             compression=None,
             max_queue=None,
             ping_interval=None,
@@ -781,7 +790,15 @@ class Connector:
     all loopback, so 127.0.0.2, .3, ... each add as many again.
     """
 
-    def __init__(self, host: str, port: int, concurrency: int, sources: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        concurrency: int,
+        sources: Sequence[str] = (),
+        tls: Optional[ssl.SSLContext] = None,
+    ) -> None:
+        self.tls = tls  # wss: each client does a TLS handshake before the upgrade
         self.addr = (host, port)
         self.host, self.port = host, port
         self.concurrency = concurrency
@@ -859,10 +876,18 @@ class Connector:
                 continue
             m, sock, request, accept, head = st
             try:
-                if request is not None:  # connect finished
-                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                    if err:
-                        raise OSError(err, "connect: %s" % os.strerror(err))
+                if request is not None:  # connecting: TCP, then TLS if asked
+                    if not isinstance(sock, TLSStream):
+                        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                        if err:
+                            raise OSError(err, "connect: %s" % os.strerror(err))
+                        if self.tls is not None:
+                            sock = st[1] = TLSStream.wrap(self.tls, sock, self.host)
+                    if isinstance(sock, TLSStream):
+                        want = sock.handshake_step()
+                        if want:
+                            self.ep.modify(fd, want)
+                            continue
                     if sock.send(request) != len(request):
                         raise HandshakeError("upgrade request not sent at once")
                     st[2] = None
@@ -903,9 +928,10 @@ async def connect_members(
     timeout: float,
     progress: Optional[Callable[[int], None]] = None,
     sources: Sequence[str] = (),
+    tls: Optional[ssl.SSLContext] = None,
 ) -> tuple[float, float]:
     """Open every member's connection; returns (start, end) times."""
-    conn = Connector(host, port, concurrency, sources)
+    conn = Connector(host, port, concurrency, sources, tls)
     try:
         return await asyncio.wait_for(conn.run(members, progress), timeout)
     finally:

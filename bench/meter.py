@@ -27,6 +27,10 @@ class Snapshot:
     # was queued behind other processes on its core.
     client_runq: float = float("nan")
     server_runq: float = float("nan")
+    # write()/writev() calls the server made (syscw in /proc/PID/io; sendmsg
+    # and sendto are not counted there): deliveries per write says how well
+    # a server that writes through write() batches, TLS transports included.
+    server_writes: int | None = None
 
 
 def usage_between(a: Snapshot, b: Snapshot) -> Usage:
@@ -89,6 +93,17 @@ class Meter:
             return float("nan")
         return sum(runq_wait(p.pid) for p in self._tree())
 
+    def server_writes(self) -> int | None:
+        if self.ps is None:
+            return None
+        total = 0
+        for p in self._tree():
+            try:
+                total += p.io_counters().write_count
+            except (psutil.Error, AttributeError):
+                return None
+        return total
+
     def rss(self) -> int | None:
         if self.ps is None:
             return None
@@ -122,4 +137,5 @@ class Meter:
             received=received,
             client_runq=runq_wait("self"),
             server_runq=self.server_runq(),
+            server_writes=self.server_writes(),
         )

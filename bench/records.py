@@ -67,6 +67,7 @@ class Throughput:
     messages_sent: int  # whole run, tail included
     flow: Flow
     paced_bytes_per_read: float | None  # receivers read in rounds: bytes per recv
+    server_writes: int | None = None  # the server's write system calls in the window
 
 
 @dataclass
@@ -94,7 +95,21 @@ class Handshakes:
     rss_per_conn: float | None
 
 
-Figures = Throughput | Latency | Handshakes
+@dataclass
+class Bulk:
+    """Large messages: payload bytes delivered per second, server memory."""
+
+    size: int  # payload bytes per message
+    deliveries: int  # in the measured window, all members
+    per_s: float  # deliveries/s
+    bytes_per_s: float  # payload bytes delivered per second, all members
+    messages_sent: int
+    rss_before: int | None  # server RSS once connected, before the first message
+    rss_peak: int | None  # highest sampled (every 50 ms) during the burst
+    rss_after: int | None  # 1 s after the last delivery
+
+
+Figures = Throughput | Latency | Handshakes | Bulk
 
 
 @dataclass
@@ -117,8 +132,10 @@ class RunResult:
     traceback: str | None = None  # for an unexpected exception in the harness
 
     def figure(self) -> float | None:
-        """The headline: deliveries/s, p99 latency (ms) or handshakes/s."""
+        """The headline: deliveries/s, p99 latency (ms), handshakes/s or bytes/s."""
         f = self.figures
+        if isinstance(f, Bulk):
+            return f.bytes_per_s
         if isinstance(f, (Throughput, Handshakes)):
             return f.per_s
         if isinstance(f, Latency):
@@ -131,7 +148,7 @@ class RunResult:
         f = self.figures
         if self.usage is not None and isinstance(f, Handshakes) and f.clients:
             return self.usage.server * self.usage.wall / f.clients * 1e9
-        if self.usage is None or not isinstance(f, (Throughput, Latency)) or not f.deliveries:
+        if self.usage is None or not isinstance(f, (Throughput, Latency, Bulk)) or not f.deliveries:
             return None
         return self.usage.server * self.usage.wall / f.deliveries * 1e9
 
@@ -172,6 +189,9 @@ class SummaryRow:
     p50_ms: Stats | None = None  # latency
     max_ms: Stats | None = None  # latency
     rss_per_conn: Stats | None = None  # idle connections
+    rss_mib: tuple[Stats | None, Stats | None, Stats | None] | None = (
+        None  # large: before/peak/after
+    )
     vs_fastrelay: float | None = None  # median figure / fastrelay's
     rss_vs_fastrelay: float | None = None
 

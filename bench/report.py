@@ -83,7 +83,19 @@ def _row(w: Workload, server: str, rs: list[RunResult]) -> SummaryRow:
         p50_ms=stats(lambda r: getattr(r.figures, "p50_ms", None)),
         max_ms=stats(lambda r: getattr(r.figures, "max_ms", None)),
         rss_per_conn=stats(lambda r: getattr(r.figures, "rss_per_conn", None)),
+        rss_mib=(
+            None
+            if w.kind != "large"
+            else tuple(
+                stats(lambda r, a=attr: _mib(getattr(r.figures, a, None)))
+                for attr in ("rss_before", "rss_peak", "rss_after")
+            )
+        ),
     )
+
+
+def _mib(x: int | None) -> float | None:
+    return None if x is None else x / (1 << 20)
 
 
 def summarise(
@@ -113,7 +125,14 @@ def _result_cells(row: SummaryRow) -> tuple[str, str, str]:
     if v is None:
         return "failed", "-", "-"
     ratio = row.vs_fastrelay
-    if row.kind in ("fanout", "rooms"):
+    if row.kind == "large":
+        mem = "/".join("%.0f" % s.median if s else "-" for s in row.rss_mib or ())
+        return (
+            "%sB/s, RSS %s MiB" % (si(v.median, ""), mem),
+            "%s – %s" % (si(v.min), si(v.max)),
+            "-" if ratio is None else times(ratio),
+        )
+    if row.kind in ("fanout", "rooms", "wss"):
         return (
             si(v.median, "/s"),
             "%s – %s" % (si(v.min), si(v.max)),

@@ -35,10 +35,11 @@ if __package__ in (None, ""):
 
 import uvloop  # noqa: E402
 
-from bench import report, wire  # noqa: E402
+from bench import report, tls, wire  # noqa: E402
 from bench.machine import machine  # noqa: E402
 from bench.provenance import CodeState, freeze_fastrelay  # noqa: E402
 from bench.records import (  # noqa: E402
+    Bulk,
     Latency,
     Measured,
     RunMeta,
@@ -55,6 +56,7 @@ from bench.servers import (  # noqa: E402
     fastrelay_available,
 )
 from bench.workloads import (  # noqa: E402
+    OPT_IN,
     RUNNERS,
     Settings,
     Workload,
@@ -261,6 +263,8 @@ def pick_workloads(args: argparse.Namespace) -> list[Workload]:
                 "unknown workload(s): %s (known: %s)" % (", ".join(sorted(bad)), ", ".join(RUNNERS))
             )
         ws = [w for w in ws if w.kind in kinds]
+    elif not args.quick:
+        ws = [w for w in ws if w.kind not in OPT_IN]
     return ws
 
 
@@ -308,9 +312,20 @@ def progress_cell(r: RunResult) -> str:
     if f is None or u is None:
         return "FAILED"
     if isinstance(f, Throughput):
-        main = "%s deliveries/s, server %s/delivery" % (
+        main = "%s deliveries/s, server %s/delivery, %s deliveries/write()" % (
             report.si(f.per_s),
             report.ns(r.server_ns_per_delivery()),
+            "%.1f" % (f.deliveries / f.server_writes) if f.server_writes else "-",
+        )
+    elif isinstance(f, Bulk):
+        main = "%sB/s (%s deliveries/s), server %s/delivery, RSS %s/%s/%s MiB" % (
+            report.si(f.bytes_per_s),
+            report.si(f.per_s),
+            report.ns(r.server_ns_per_delivery()),
+            *(
+                "-" if x is None else "%.0f" % (x / (1 << 20))
+                for x in (f.rss_before, f.rss_peak, f.rss_after)
+            ),
         )
     elif isinstance(f, Latency):
         main = "p50 %s p99 %s max %s ms" % (
@@ -336,6 +351,9 @@ def progress_cell(r: RunResult) -> str:
 async def one_run(
     spec: ServerSpec, w: Workload, s: Settings, server_cpu: int | None, log: Callable[[str], None]
 ) -> Measured:
+    if w.tls:
+        certs = tls.certs()
+        spec = replace(spec, tls=(certs.cert_file, certs.key_file))
     server = ServerProcess(spec, server_cpu)
     try:
         server.start()

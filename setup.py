@@ -17,6 +17,7 @@ built from the .pyx carried by the sdist. Cython comes from
 [build-system].requires.
 """
 
+import glob
 import os
 import sys
 
@@ -67,12 +68,7 @@ def extension(name: str) -> Extension:
         f"fastrelay.{name}",
         [f"fastrelay/{name}.pyx"],
         # The .pxd and the .pxi includes are part of the module's source.
-        depends=[
-            "fastrelay/_frames.pxd",
-            "fastrelay/_codec.pxi",
-            "fastrelay/_utf8.pxi",
-            "fastrelay/_grow.pxi",
-        ],
+        depends=["fastrelay/_frames.pxd", *sorted(glob.glob("fastrelay/*.pxi"))],
         extra_compile_args=compile_args,
         extra_link_args=link_args,
         define_macros=[("CYTHON_TRACE", "1")] if DEBUG else [],

@@ -104,7 +104,8 @@ problems = []
 
 with tarfile.open(sdist) as tar:
     members = {m.name.split("/", 1)[1]: m for m in tar.getmembers() if "/" in m.name}
-    sources = ("_frames.pyx", "_frames.pxd", "_testing.pyx", "_codec.pxi", "_utf8.pxi", "_grow.pxi")
+    sources = ("_frames.pyx", "_frames.pxd", "_testing.pyx", "_codec.pxi", "_utf8.pxi",
+               "_grow.pxi", "_upgrade.pxi")
     for need in (*(f"fastrelay/{name}" for name in sources), "pyproject.toml", "setup.py", "MANIFEST.in"):
         if need not in members:
             problems.append(f"sdist lacks {need}")

@@ -72,6 +72,11 @@ def main(argv: list[str]) -> int:
         for command in commands:
             args += ["--server-cmd", command]
         args += argv or ["--workloads", "fanout,latency", "--reps", "1"]
+        # Its own result files: never overwrite the main run's RESULTS.md.
+        if "--json" not in args:
+            args += ["--json", str(HERE / "results" / "scaleout.json")]
+        if "--markdown" not in args:
+            args += ["--markdown", str(HERE / "results" / "SCALEOUT.md")]
         print("+", " ".join(args), flush=True)
         return subprocess.run(args, cwd=HERE.parent, env=dict(os.environ)).returncode
     finally:

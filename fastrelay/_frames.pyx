@@ -389,7 +389,6 @@ cdef class Hub:
                 if room.deflate_windows[window]:
                     zoffset[window] = self.encode_compressed(opcode, window, payload, n,
                                                              &zlength[window])
-        self.messages += 1
         if self.backplane is not None and sender is not None:
             # One copy per message (not per member), published once per turn.
             if not self.outgoing and self.dirty.count == 0:
@@ -424,6 +423,9 @@ cdef class Hub:
             if not self.outgoing and self.dirty.count == 0:
                 self.loop.call_soon(self.flush_callback)
             self.outgoing.append((room_name, opcode, data))
+        # Counted where it enters the relay (here, or at the process that
+        # published it), so that a total over processes counts it once.
+        self.messages += 1
         if room is None:
             return 0
         return self.broadcast(room, None, opcode, PyBytes_AS_STRING(data), len(data))
@@ -888,6 +890,7 @@ cdef class Connection:
             if msg.compressed:
                 self.relay_compressed(<char *>payload, n)
             else:
+                hub.messages += 1
                 hub.broadcast(self.room, self, msg.opcode, <char *>payload, n)
             msg.opcode = 0
             self.release_fragments()
@@ -909,6 +912,7 @@ cdef class Connection:
         if self.message.opcode == TEXT and not utf8_complete(
                 <const uint8_t *>PyBytes_AS_STRING(data), len(data)):
             return self.fail(INVALID_PAYLOAD_DATA, b"invalid UTF-8")
+        hub.messages += 1
         hub.broadcast(self.room, self, self.message.opcode, PyBytes_AS_STRING(data), len(data))
         return 0
 

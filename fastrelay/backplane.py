@@ -131,9 +131,6 @@ class RedisBackplane:
         self.received = 0  # messages from other processes
         self.dropped = 0  # messages other processes did not get from us
         self.reconnects = 0  # sessions started again after one was lost
-        # Messages from other processes the hub relayed (it counts them with
-        # the local ones; the metrics report them apart).
-        self.relayed_remote = 0
         self.foreign_warned = False
 
     # -- the hub's side: synchronous, never raises --------------------------------
@@ -344,11 +341,9 @@ class RedisBackplane:
             except (PacketError, UnicodeDecodeError) as e:
                 self.foreign_message(message["channel"], e)
                 continue
-            before = hub.messages
             for opcode, payload in messages:
                 hub.deliver(room, opcode, payload)
             self.received += len(messages)
-            self.relayed_remote += hub.messages - before
 
     def foreign_message(self, channel: bytes, problem: Exception) -> None:
         # Someone else publishes on our channels (a prefix shared with

@@ -161,10 +161,6 @@ class Relay:
         values["handshake_failures"] = dict(self.gate.failures)
         if self.backplane is not None:
             values.update(self.backplane.counters())
-            # The hub counts what it relayed from other processes as
-            # messages too; the total means messages from our own clients,
-            # so that summed over processes each message counts once.
-            values["messages_total"] -= self.backplane.relayed_remote
         return values
 
     async def shutdown(self, timeout: float) -> None:

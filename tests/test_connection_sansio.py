@@ -604,6 +604,9 @@ def test_local_messages_are_shared_once_per_turn_and_remote_ones_are_not() -> No
     assert relay.hub.deliver("/nobody", Opcode.TEXT, b"x") == 0
     relay.loop.run_turn()
     assert len(backplane.batches) == 1
+    # Counted where they entered: the two local ones only, so that a total
+    # over processes counts each message once.
+    assert relay.hub.counters()["messages_total"] == 2
     assert frames_of(sender_out.take()) == [(True, Opcode.TEXT, b"remote")]
     assert frames_of(other_out.take())[-1] == (True, Opcode.TEXT, b"remote")
     sender.connection_lost(None)

@@ -36,11 +36,13 @@ import hashlib
 import os
 import select
 import socket
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from typing import Optional
 
 from . import wire
+from .tls import TLSStream
 from .wire import BLOCK, CFRAME, FRAME, FrameFactory, RefStream, StreamVerifier
 
 VERIFY_AT = 96 * 1024  # bytes buffered by a client before a bulk check
@@ -48,6 +50,24 @@ BUF_SIZE = 128 * 1024  # per-client receive buffer (fixed, never resized)
 SMALL_BUF = 8 * 1024  # for idle clients that receive almost nothing
 INF = 1 << 62
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # linux/in.h
+PORTS_PER_SOURCE = 4000  # see source_addresses()
+
+
+def source_addresses(clients: int) -> list[str]:
+    """Loopback source addresses for `clients` connections to one server
+    port: 127.0.0.1 alone up to PORTS_PER_SOURCE, then .2, .3, ...
+
+    One address could hold the whole ephemeral range (~28,000), but connect()
+    searches that range for a free port, and the search grows as it fills:
+    with 19,000 clients on one address the load generator spent its core in
+    the kernel and measured 3.1 k handshakes/s; spread over 5 addresses,
+    20 k/s (python bench/run.py --servers fastrelay --workloads connections
+    --connections 5000,19000 --reps 2, before and after)."""
+    n = max(1, -(-clients // PORTS_PER_SOURCE))
+    if n > 254:
+        raise ValueError("%d clients need more than 254 loopback source addresses" % clients)
+    return ["127.0.0.%d" % (i + 1) for i in range(n)]
 
 
 class HandshakeError(Exception):
@@ -256,10 +276,10 @@ class Member:
         room.add(self)
 
     # -- connection ------------------------------------------------------
-    def handshake_done(self, sock: socket.socket, head: bytes, accept: bytes) -> None:
-        """Check the server's 101 response (head: everything read so far)."""
-        end = head.find(b"\r\n\r\n")
-        lines = head[:end].decode("latin-1").split("\r\n")
+    @staticmethod
+    def check_response(head: bytes, accept: bytes) -> None:
+        """A 101 with the right Sec-WebSocket-Accept, or HandshakeError."""
+        lines = head.decode("latin-1").split("\r\n")
         if not lines[0].startswith("HTTP/1.1 101"):
             raise HandshakeError("server answered %r" % lines[0])
         got = None
@@ -269,6 +289,11 @@ class Member:
                 got = value.strip().encode()
         if got != accept:
             raise HandshakeError("bad Sec-WebSocket-Accept %r" % got)
+
+    def handshake_done(self, sock: socket.socket, head: bytes, accept: bytes) -> None:
+        """Check the server's 101 response (head: everything read so far)."""
+        end = head.find(b"\r\n\r\n")
+        self.check_response(head[:end], accept)
         self.sock = sock
         self.fd = sock.fileno()
         self.closed = asyncio.get_running_loop().create_future()
@@ -645,8 +670,9 @@ class SpotCheck:
     a tail of messages after the measured window, where it costs nothing.
     """
 
-    def __init__(self, url: str, senders: list[int]) -> None:
+    def __init__(self, url: str, senders: list[int], tls: Optional[ssl.SSLContext] = None) -> None:
         self.url = url
+        self.tls = tls
         self.senders = list(senders)
         self.first: dict[int, int] = {}
         self.next_seq: dict[int, int] = {}
@@ -666,6 +692,7 @@ class SpotCheck:
         # slow spot check never pushes back on the server under test.
         self.ws = await connect(
             self.url,
+            ssl=self.tls,
             compression=None,
             max_queue=None,
             ping_interval=None,
@@ -755,12 +782,27 @@ class Connector:
     loop watches, so each step (connected, response readable) is one poll
     result and a few syscalls: no task, future or reader registration per
     connection, which would cost the load generator more than the server.
+
+    `sources`: local addresses the clients connect from, in turn (bound
+    with IP_BIND_ADDRESS_NO_PORT, so the port is picked at connect time per
+    4-tuple). One source address to one server port gives at most the
+    ephemeral range (about 28,000 on Linux) of connections; 127.0.0.0/8 is
+    all loopback, so 127.0.0.2, .3, ... each add as many again.
     """
 
-    def __init__(self, host: str, port: int, concurrency: int) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        concurrency: int,
+        sources: Sequence[str] = (),
+        tls: Optional[ssl.SSLContext] = None,
+    ) -> None:
+        self.tls = tls  # wss: each client does a TLS handshake before the upgrade
         self.addr = (host, port)
         self.host, self.port = host, port
         self.concurrency = concurrency
+        self.sources = list(sources)
         self.loop = asyncio.get_running_loop()
         self.ep = select.epoll()
         self.inflight: dict[int, list] = {}  # fd -> [member, sock, request, accept, head]
@@ -805,10 +847,19 @@ class Connector:
         m = self.members[self.next]
         self.next += 1
         request, accept = upgrade_request(self.host, self.port, m.room.path)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            # EMFILE here (the open-files limit) must end the run at once, not
+            # leave it waiting for handshakes that were never started.
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        except OSError as exc:
+            self._fail(OSError(exc.errno, "client %d: socket(): %s" % (self.next, exc.strerror)))
+            return
         sock.setblocking(False)
         # Senders write a few frames at a time; Nagle would hold them back.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.sources:
+            sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((self.sources[self.next % len(self.sources)], 0))
         err = sock.connect_ex(self.addr)
         if err not in (0, errno.EINPROGRESS):
             sock.close()
@@ -825,10 +876,18 @@ class Connector:
                 continue
             m, sock, request, accept, head = st
             try:
-                if request is not None:  # connect finished
-                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                    if err:
-                        raise OSError(err, "connect: %s" % os.strerror(err))
+                if request is not None:  # connecting: TCP, then TLS if asked
+                    if not isinstance(sock, TLSStream):
+                        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                        if err:
+                            raise OSError(err, "connect: %s" % os.strerror(err))
+                        if self.tls is not None:
+                            sock = st[1] = TLSStream.wrap(self.tls, sock, self.host)
+                    if isinstance(sock, TLSStream):
+                        want = sock.handshake_step()
+                        if want:
+                            self.ep.modify(fd, want)
+                            continue
                     if sock.send(request) != len(request):
                         raise HandshakeError("upgrade request not sent at once")
                     st[2] = None
@@ -868,9 +927,11 @@ async def connect_members(
     concurrency: int,
     timeout: float,
     progress: Optional[Callable[[int], None]] = None,
+    sources: Sequence[str] = (),
+    tls: Optional[ssl.SSLContext] = None,
 ) -> tuple[float, float]:
     """Open every member's connection; returns (start, end) times."""
-    conn = Connector(host, port, concurrency)
+    conn = Connector(host, port, concurrency, sources, tls)
     try:
         return await asyncio.wait_for(conn.run(members, progress), timeout)
     finally:

@@ -24,6 +24,9 @@ class Usage:
     client: float  # the load generator (this process)
     server: float  # the server's whole process tree
     other: float  # everything else on the machine
+    # Fraction of the window spent runnable but waiting for a CPU (schedstat).
+    client_runq: float = float("nan")
+    server_runq: float = float("nan")
 
 
 @dataclass
@@ -64,6 +67,7 @@ class Throughput:
     messages_sent: int  # whole run, tail included
     flow: Flow
     paced_bytes_per_read: float | None  # receivers read in rounds: bytes per recv
+    server_writes: int | None = None  # the server's write system calls in the window
 
 
 @dataclass
@@ -91,7 +95,21 @@ class Handshakes:
     rss_per_conn: float | None
 
 
-Figures = Throughput | Latency | Handshakes
+@dataclass
+class Bulk:
+    """Large messages: payload bytes delivered per second, server memory."""
+
+    size: int  # payload bytes per message
+    deliveries: int  # in the measured window, all members
+    per_s: float  # deliveries/s
+    bytes_per_s: float  # payload bytes delivered per second, all members
+    messages_sent: int
+    rss_before: int | None  # server RSS once connected, before the first message
+    rss_peak: int | None  # highest sampled (every 50 ms) during the burst
+    rss_after: int | None  # 1 s after the last delivery
+
+
+Figures = Throughput | Latency | Handshakes | Bulk
 
 
 @dataclass
@@ -114,8 +132,10 @@ class RunResult:
     traceback: str | None = None  # for an unexpected exception in the harness
 
     def figure(self) -> float | None:
-        """The headline: deliveries/s, p99 latency (ms) or handshakes/s."""
+        """The headline: deliveries/s, p99 latency (ms), handshakes/s or bytes/s."""
         f = self.figures
+        if isinstance(f, Bulk):
+            return f.bytes_per_s
         if isinstance(f, (Throughput, Handshakes)):
             return f.per_s
         if isinstance(f, Latency):
@@ -123,9 +143,12 @@ class RunResult:
         return None
 
     def server_ns_per_delivery(self) -> float | None:
-        """Server CPU time per delivery in the measured window."""
+        """Server CPU time per delivery in the measured window; for idle
+        connections, per handshake (the unit of work of that workload)."""
         f = self.figures
-        if self.usage is None or not isinstance(f, (Throughput, Latency)) or not f.deliveries:
+        if self.usage is not None and isinstance(f, Handshakes) and f.clients:
+            return self.usage.server * self.usage.wall / f.clients * 1e9
+        if self.usage is None or not isinstance(f, (Throughput, Latency, Bulk)) or not f.deliveries:
             return None
         return self.usage.server * self.usage.wall / f.deliveries * 1e9
 
@@ -162,9 +185,13 @@ class SummaryRow:
     client_cpu: Stats | None
     server_cpu: Stats | None
     other_cpu: Stats | None
+    server_runq: Stats | None = None  # server runnable but waiting for its CPU
     p50_ms: Stats | None = None  # latency
     max_ms: Stats | None = None  # latency
     rss_per_conn: Stats | None = None  # idle connections
+    rss_mib: tuple[Stats | None, Stats | None, Stats | None] | None = (
+        None  # large: before/peak/after
+    )
     vs_fastrelay: float | None = None  # median figure / fastrelay's
     rss_vs_fastrelay: float | None = None
 

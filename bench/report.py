@@ -79,10 +79,23 @@ def _row(w: Workload, server: str, rs: list[RunResult]) -> SummaryRow:
         client_cpu=stats(lambda r: r.usage.client),
         server_cpu=stats(lambda r: r.usage.server),
         other_cpu=stats(lambda r: r.usage.other),
+        server_runq=stats(lambda r: r.usage.server_runq),
         p50_ms=stats(lambda r: getattr(r.figures, "p50_ms", None)),
         max_ms=stats(lambda r: getattr(r.figures, "max_ms", None)),
         rss_per_conn=stats(lambda r: getattr(r.figures, "rss_per_conn", None)),
+        rss_mib=(
+            None
+            if w.kind != "large"
+            else tuple(
+                stats(lambda r, a=attr: _mib(getattr(r.figures, a, None)))
+                for attr in ("rss_before", "rss_peak", "rss_after")
+            )
+        ),
     )
+
+
+def _mib(x: int | None) -> float | None:
+    return None if x is None else x / (1 << 20)
 
 
 def summarise(
@@ -112,7 +125,14 @@ def _result_cells(row: SummaryRow) -> tuple[str, str, str]:
     if v is None:
         return "failed", "-", "-"
     ratio = row.vs_fastrelay
-    if row.kind in ("fanout", "rooms"):
+    if row.kind == "large":
+        mem = "/".join("%.0f" % s.median if s else "-" for s in row.rss_mib or ())
+        return (
+            "%sB/s, RSS %s MiB" % (si(v.median, ""), mem),
+            "%s – %s" % (si(v.min), si(v.max)),
+            "-" if ratio is None else times(ratio),
+        )
+    if row.kind in ("fanout", "rooms", "wss"):
         return (
             si(v.median, "/s"),
             "%s – %s" % (si(v.min), si(v.max)),
@@ -147,10 +167,11 @@ def table(summary: list[SummaryRow]) -> str:
         "server",
         "result (median)",
         "min – max",
-        "server CPU per delivery",
+        "server CPU per delivery (per handshake)",
         "vs fastrelay",
         "client CPU",
         "server CPU",
+        "server waiting for CPU",
         "other CPU",
         "verified",
     ]
@@ -168,6 +189,7 @@ def table(summary: list[SummaryRow]) -> str:
                 vs,
                 pct(_median(row.client_cpu)),
                 pct(_median(row.server_cpu)),
+                pct(_median(row.server_runq)),
                 pct(None if row.other_cpu is None else row.other_cpu.max),
                 verified,
             ]
@@ -212,10 +234,13 @@ def markdown(meta: RunMeta, summary: list[SummaryRow], runs: list[RunResult]) ->
         "- %s; %d repetitions, servers interleaved; %.1fs warmup + %.1fs measured per run"
         % (meta.pinning, meta.reps, meta.settings.warmup, meta.settings.duration),
         "- result = median over repetitions, with min – max; server CPU per delivery = the "
-        "server's CPU time in the measured window / deliveries in it (median); client CPU = "
+        "server's CPU time in the measured window / deliveries in it (median; idle "
+        "connections: per connection opened, over the connecting burst); client CPU = "
         "load generator process CPU time / wall time, server CPU likewise for the server's "
-        "process tree (medians); other CPU = everything else on the machine, /proc/stat "
-        "user+system minus client and server (highest repetition)",
+        "process tree (medians); server waiting for CPU = time the server was runnable but "
+        "queued behind other processes on its CPU (/proc/PID/schedstat) / wall time; "
+        "other CPU = everything else on the machine, /proc/stat user+system minus client "
+        "and server (highest repetition)",
         "",
         table(summary),
         "",

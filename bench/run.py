@@ -35,10 +35,11 @@ if __package__ in (None, ""):
 
 import uvloop  # noqa: E402
 
-from bench import report, wire  # noqa: E402
+from bench import report, tls, wire  # noqa: E402
 from bench.machine import machine  # noqa: E402
 from bench.provenance import CodeState, freeze_fastrelay  # noqa: E402
 from bench.records import (  # noqa: E402
+    Bulk,
     Latency,
     Measured,
     RunMeta,
@@ -55,9 +56,11 @@ from bench.servers import (  # noqa: E402
     fastrelay_available,
 )
 from bench.workloads import (  # noqa: E402
+    OPT_IN,
     RUNNERS,
     Settings,
     Workload,
+    connections_workload,
     default_workloads,
     latency_workload,
 )
@@ -140,7 +143,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=None,
         help="latency workload offered msg/s, comma-separated (default 1000,2000)",
     )
-    p.add_argument("--connections", type=int, default=None, help="idle connections workload size")
+    p.add_argument(
+        "--connections",
+        default=None,
+        help="idle connections workload sizes, comma-separated (default 5000); more than "
+        "20,000 connect from 127.0.0.1, .2, ... and need an open-files limit above the count",
+    )
+    p.add_argument(
+        "--handshakes-in-flight",
+        type=int,
+        default=None,
+        help="most handshakes the load generator keeps in flight while connecting (default 100)",
+    )
     p.add_argument(
         "--no-spot-check",
         action="store_true",
@@ -208,6 +222,8 @@ def settings(args: argparse.Namespace) -> tuple[Settings, int]:
         spot_check=not args.no_spot_check,
         drain_timeout=10.0 if q else 30.0,
     )
+    if args.handshakes_in_flight:
+        s.concurrency = args.handshakes_in_flight
     if args.queue_ms is not None:
         s.queue_fanout = s.queue_rooms = args.queue_ms / 1000.0
     reps = args.reps if args.reps is not None else (1 if q else 3)
@@ -228,11 +244,17 @@ def pick_workloads(args: argparse.Namespace) -> list[Workload]:
             ws = [w for w in ws if w.kind != "latency"]
             ws[at:at] = [latency_workload(members, r) for r in rates]
     if args.connections:
-        for w in ws:
-            if w.kind == "connections":
-                w.params["clients"] = args.connections
-                w.key = "connections-%d" % args.connections
-                w.label = "%d idle connections" % args.connections
+        try:
+            sizes = [int(n) for n in args.connections.split(",") if n.strip()]
+        except ValueError:
+            raise SystemExit(
+                "--connections wants client counts, comma-separated, got %r" % args.connections
+            ) from None
+        conn = [w for w in ws if w.kind == "connections"]
+        if conn:
+            at = ws.index(conn[0])
+            ws = [w for w in ws if w.kind != "connections"]
+            ws[at:at] = [connections_workload(n, conn[0].params["room_size"]) for n in sizes]
     if args.workloads:
         kinds = {k.strip() for k in args.workloads.split(",") if k.strip()}
         bad = kinds - set(RUNNERS)
@@ -241,6 +263,8 @@ def pick_workloads(args: argparse.Namespace) -> list[Workload]:
                 "unknown workload(s): %s (known: %s)" % (", ".join(sorted(bad)), ", ".join(RUNNERS))
             )
         ws = [w for w in ws if w.kind in kinds]
+    elif not args.quick:
+        ws = [w for w in ws if w.kind not in OPT_IN]
     return ws
 
 
@@ -259,11 +283,28 @@ def pin() -> tuple[int | None, int | None, str]:
     )
 
 
-def raise_nofile() -> int:
+def raise_nofile(want: int = 0) -> int:
+    """Raise the open-files limit to the hard limit, or to `want` when that is
+    higher and the process may (root, or CAP_SYS_RESOURCE; up to
+    fs.nr_open). The servers inherit the new hard limit. Returns the soft
+    limit now in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if want > hard and hard != resource.RLIM_INFINITY:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+            return want
+        except (ValueError, OSError):
+            pass  # not allowed: the hard limit is what we get; run_all says so
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def files_needed(workloads: list[Workload]) -> int:
+    """Descriptors the load generator needs: one per client of the largest
+    workload, plus room for epoll sets, pipes and the spot check."""
+    clients = [w.params.get("clients", w.params.get("members", 0)) for w in workloads]
+    return max(clients, default=0) + 1024
 
 
 def progress_cell(r: RunResult) -> str:
@@ -271,9 +312,20 @@ def progress_cell(r: RunResult) -> str:
     if f is None or u is None:
         return "FAILED"
     if isinstance(f, Throughput):
-        main = "%s deliveries/s, server %s/delivery" % (
+        main = "%s deliveries/s, server %s/delivery, %s deliveries/write()" % (
             report.si(f.per_s),
             report.ns(r.server_ns_per_delivery()),
+            "%.1f" % (f.deliveries / f.server_writes) if f.server_writes else "-",
+        )
+    elif isinstance(f, Bulk):
+        main = "%sB/s (%s deliveries/s), server %s/delivery, RSS %s/%s/%s MiB" % (
+            report.si(f.bytes_per_s),
+            report.si(f.per_s),
+            report.ns(r.server_ns_per_delivery()),
+            *(
+                "-" if x is None else "%.0f" % (x / (1 << 20))
+                for x in (f.rss_before, f.rss_peak, f.rss_after)
+            ),
         )
     elif isinstance(f, Latency):
         main = "p50 %s p99 %s max %s ms" % (
@@ -282,11 +334,16 @@ def progress_cell(r: RunResult) -> str:
             report.ms(f.max_ms),
         )
     else:
-        main = "%s handshakes/s %s/conn" % (report.si(f.per_s), report.kib(f.rss_per_conn))
-    return "%s  client %s server %s%s" % (
+        main = "%s handshakes/s %s/conn, server %s/handshake" % (
+            report.si(f.per_s),
+            report.kib(f.rss_per_conn),
+            report.ns(r.server_ns_per_delivery()),
+        )
+    return "%s  client %s server %s (waiting for CPU %s)%s" % (
         main,
         report.pct(u.client),
         report.pct(u.server),
+        report.pct(u.server_runq),
         "  (other processes %s!)" % report.pct(u.other) if u.other > report.QUIET else "",
     )
 
@@ -294,6 +351,9 @@ def progress_cell(r: RunResult) -> str:
 async def one_run(
     spec: ServerSpec, w: Workload, s: Settings, server_cpu: int | None, log: Callable[[str], None]
 ) -> Measured:
+    if w.tls:
+        certs = tls.certs()
+        spec = replace(spec, tls=(certs.cert_file, certs.key_file))
     server = ServerProcess(spec, server_cpu)
     try:
         server.start()
@@ -359,7 +419,7 @@ async def run_all(args: argparse.Namespace, specs: list[ServerSpec], code: CodeS
         servers=[sp.name for sp in specs],
         reps=reps,
         pinning=pin_note,
-        nofile=raise_nofile(),
+        nofile=raise_nofile(files_needed(workloads)),
         numpy=wire.HAVE_NUMPY,
         settings=s,
         machine=machine(),
@@ -377,6 +437,12 @@ async def run_all(args: argparse.Namespace, specs: list[ServerSpec], code: CodeS
         "%s; RLIMIT_NOFILE %d; servers: %s; %d repetition(s); %.1fs warmup + %.1fs measured"
         % (pin_note, meta.nofile, ", ".join(meta.servers), reps, s.warmup, s.duration)
     )
+    if meta.nofile < files_needed(workloads):
+        log(
+            "warning: RLIMIT_NOFILE %d is below the %d descriptors the largest workload needs "
+            "(the hard limit cannot be raised without root or CAP_SYS_RESOURCE): expect "
+            "'Too many open files'" % (meta.nofile, files_needed(workloads))
+        )
     if not wire.HAVE_NUMPY:
         log(
             "warning: numpy not installed; verification runs per frame in Python "

@@ -31,7 +31,7 @@ except ImportError:  # pragma: no cover
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEERS = os.path.join(ROOT, "bench", "peers")
-READY_RE = re.compile(r"listening on ws://(\[[^\]]+\]|[^\s:/]+):(\d+)")
+READY_RE = re.compile(r"listening on wss?://(\[[^\]]+\]|[^\s:/]+):(\d+)")
 
 
 @dataclass
@@ -41,10 +41,14 @@ class ServerSpec:
     template: str = ""  # peer script or command template
     port_zero: bool = True  # server accepts port 0 and prints the real port
     cwd: str = ROOT  # fastrelay: the directory holding the copy of the package to run
+    # wss workloads: (cert_file, key_file) to serve TLS with. A command
+    # template takes them as {cert} and {key}.
+    tls: Optional[tuple[str, str]] = None
 
     def argv(self, port: int, tmpdir: str) -> list[str]:
         """The command line for a port; fastrelay's config file goes in tmpdir."""
         if self.kind == "peer":
+            tls = ["--tls-cert", self.tls[0], "--tls-key", self.tls[1]] if self.tls else []
             return [
                 sys.executable,
                 os.path.join(PEERS, self.template),
@@ -52,17 +56,28 @@ class ServerSpec:
                 "127.0.0.1",
                 "--port",
                 str(port),
+                *tls,
             ]
         if self.kind == "fastrelay":
             path = os.path.join(tmpdir, "fastrelay-bench-%d.yaml" % port)
+            tls = ""
+            if self.tls:
+                tls = "  tls:\n    enabled: true\n    cert_file: %s\n    key_file: %s\n" % self.tls
             with open(path, "w") as f:
                 f.write(
-                    "server:\n  host: 127.0.0.1\n  port: %d\n"
+                    "server:\n  host: 127.0.0.1\n  port: %d\n%s"
                     "metrics:\n  enabled: false\n"
-                    "logging:\n  level: warn\n" % port
+                    "logging:\n  level: warn\n" % (port, tls)
                 )
             return [sys.executable, "-m", "fastrelay", "--config-file", path]
-        return shlex.split(self.template.replace("{port}", str(port)))
+        cmd = self.template.replace("{port}", str(port))
+        if self.tls:
+            if "{cert}" not in cmd or "{key}" not in cmd:
+                raise ServerError(
+                    "%s: a wss workload needs a command that takes {cert} and {key}" % self.name
+                )
+            cmd = cmd.replace("{cert}", self.tls[0]).replace("{key}", self.tls[1])
+        return shlex.split(cmd)
 
 
 BUILTIN = {

@@ -5,12 +5,13 @@ verdict on every delivery."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Optional
 
-from . import wire
+from . import large, tls, wire
 from .loadgen import (
     FRAME,
     SMALL_BUF,
@@ -21,6 +22,7 @@ from .loadgen import (
     SpotCheck,
     close_members,
     connect_members,
+    source_addresses,
 )
 from .meter import Meter, usage_between
 from .records import Flow, Handshakes, Latency, Measured, Throughput, Verdict
@@ -53,9 +55,19 @@ class Settings:
 @dataclass
 class Workload:
     key: str  # stable id used in JSON
-    kind: str  # fanout | latency | rooms | connections
+    kind: str  # fanout | latency | rooms | connections | wss | large
     label: str
     params: dict  # sizes: members/senders, members/rate, clients/room_size
+
+    @property
+    def tls(self) -> bool:
+        """Served and driven over TLS (wss://)."""
+        return bool(self.params.get("tls"))
+
+
+# Kinds a full run leaves out unless --workloads names them (each adds minutes
+# to the default run and its table); --quick runs them all, small.
+OPT_IN = ("wss", "large")
 
 
 def default_workloads(quick: bool) -> list[Workload]:
@@ -91,15 +103,27 @@ def default_workloads(quick: bool) -> list[Workload]:
             rooms,
         )
     )
-    out.append(
-        Workload(
-            "connections-%d" % conns["clients"],
-            "connections",
-            "%d idle connections" % conns["clients"],
-            conns,
+    out.append(connections_workload(conns["clients"], conns["room_size"]))
+    for r, s in [(20, 1)] if quick else [(100, 1), (100, 4)]:
+        out.append(
+            Workload(
+                "wss-fanout-r%d-s%d" % (r, s),
+                "wss",
+                "wss fan-out R=%d S=%d" % (r, s),
+                dict(members=r, senders=s, tls=True),
+            )
         )
-    )
+    out += large.workloads(quick)
     return out
+
+
+def connections_workload(clients: int, room_size: int) -> Workload:
+    return Workload(
+        "connections-%d" % clients,
+        "connections",
+        "%d idle connections" % clients,
+        dict(clients=clients, room_size=room_size),
+    )
 
 
 class WindowControl:
@@ -170,6 +194,12 @@ def latency_workload(members: int, rate: int) -> Workload:
     )
 
 
+def writes_between(a, b) -> int | None:
+    if a.server_writes is None or b.server_writes is None:
+        return None
+    return b.server_writes - a.server_writes
+
+
 def received(members: list[Member]) -> int:
     return sum(m.nbytes for m in members)
 
@@ -235,8 +265,16 @@ async def _drain(
     return not pending
 
 
+def client_tls(w: Workload) -> Optional[ssl.SSLContext]:
+    return tls.certs().client_context() if w.tls else None
+
+
 async def _open(
-    server: ServerProcess, members: Sequence[Member], s: Settings, log: Callable[[str], None]
+    server: ServerProcess,
+    members: Sequence[Member],
+    s: Settings,
+    log: Callable[[str], None],
+    tls_ctx: Optional[ssl.SSLContext] = None,
 ) -> tuple[float, float]:
     def progress(n: int) -> None:
         log("    connected %d/%d" % (n, len(members)))
@@ -248,13 +286,18 @@ async def _open(
         s.concurrency,
         s.connect_timeout,
         progress if len(members) >= 2000 else None,
+        source_addresses(len(members)),
+        tls_ctx,
     )
 
 
-async def _spot(server: ServerProcess, room: Room, s: Settings) -> Optional[SpotCheck]:
+async def _spot(
+    server: ServerProcess, room: Room, s: Settings, tls_ctx: Optional[ssl.SSLContext] = None
+) -> Optional[SpotCheck]:
     if not s.spot_check:
         return None
-    spot = SpotCheck("ws://%s:%d%s" % (HOST, server.port, room.path), [m.sid for m in room.senders])
+    url = "%s://%s:%d%s" % ("wss" if tls_ctx else "ws", HOST, server.port, room.path)
+    spot = SpotCheck(url, [m.sid for m in room.senders], tls_ctx)
     await asyncio.wait_for(spot.connect(), 30)
     return spot
 
@@ -273,6 +316,7 @@ class Load:
     members: list[Member]
     senders: list[Sender]
     flow: Flow
+    tls: Optional[ssl.SSLContext] = None  # wss: the clients' TLS context
 
 
 async def run_fanout(
@@ -288,7 +332,8 @@ async def run_fanout(
     sids = list(range(1, k + 1))
     senders = [Sender(room, sids, sid, s.window_min) for sid in sids]
     members: list[Member] = [*senders, *(Member(room, sids) for _ in range(n - k))]
-    return await _throughput(server, Load([room], members, senders, flow), s, log)
+    load = Load([room], members, senders, flow, client_tls(w))
+    return await _throughput(server, load, s, log)
 
 
 async def run_rooms(
@@ -318,7 +363,7 @@ async def _throughput(
     senders, flow = load.senders, load.flow
     control = WindowControl(senders, s.window_min, flow.window_max, flow.queue_s)
     try:
-        await _open(server, load.members, s, log)
+        await _open(server, load.members, s, log, load.tls)
         for m in load.members:
             # Receivers are read in rounds (see loadgen's docstring). So are
             # senders when everyone sends (small rooms): a thousand sockets
@@ -340,7 +385,7 @@ async def _throughput(
         # every sender sends TAIL more messages that it must all receive.
         joined = None
         if s.spot_check:
-            spot = await _spot(server, load.rooms[0], s)
+            spot = await _spot(server, load.rooms[0], s, load.tls)
             joined = {m.sid: m.sent for m in load.rooms[0].senders}
         tail = [snd.stop_after(TAIL if spot is not None else 0) for snd in senders]
         await asyncio.wait_for(asyncio.gather(*tail), s.drain_timeout)
@@ -357,6 +402,7 @@ async def _throughput(
             messages_sent=sum(r.sent_total for r in load.rooms),
             flow=flow,
             paced_bytes_per_read=pacer.read_bytes / pacer.reads if pacer.reads else None,
+            server_writes=writes_between(a, b),
         )
         return Measured(verdict(load.rooms, spot, server, drained), usage, figures)
     finally:
@@ -484,4 +530,6 @@ RUNNERS: dict[str, Runner] = {
     "latency": run_latency,
     "rooms": run_rooms,
     "connections": run_connections,
+    "wss": run_fanout,  # the fan-out, every connection over TLS
+    "large": large.run_large,
 }

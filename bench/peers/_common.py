@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import resource
 import signal
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -33,9 +34,17 @@ def run_peer(
     # Port 0 lets the kernel choose; the real port is printed in the ready
     # line, which is what the harness reads (no pre-picked ports, no races).
     parser.add_argument("--port", type=int, default=0)
+    # wss workloads: serve TLS with this certificate (PEM files); every peer
+    # hands args.ssl (None without TLS) to its library's server.
+    parser.add_argument("--tls-cert", default=None)
+    parser.add_argument("--tls-key", default=None)
     if add_arguments is not None:
         add_arguments(parser)
     args = parser.parse_args()
+    args.ssl = None
+    if args.tls_cert:
+        args.ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        args.ssl.load_cert_chain(args.tls_cert, args.tls_key)
     _raise_nofile_limit()
     uvloop.run(_serve(args, listen))
 
@@ -46,7 +55,8 @@ async def _serve(
     stop = _stop_on_signal()
     listening = await listen(args)
     # The harness waits for exactly this line on stdout before connecting.
-    print(f"listening on ws://{args.host}:{listening.port}/", flush=True)
+    scheme = "wss" if args.ssl is not None else "ws"
+    print(f"listening on {scheme}://{args.host}:{listening.port}/", flush=True)
     try:
         await stop
     finally:

@@ -18,7 +18,9 @@ rooms: dict[str, set[web.WebSocketResponse]] = {}
 
 
 async def relay(request: web.Request) -> web.StreamResponse:
-    ws = web.WebSocketResponse(max_msg_size=1 << 20)
+    # One more than fastrelay's 1 MiB limit: aiohttp refuses a message of
+    # exactly max_msg_size (1009), fastrelay and websockets accept it.
+    ws = web.WebSocketResponse(max_msg_size=(1 << 20) + 1)
     await ws.prepare(request)
     path = room_of(request.raw_path)
     members = rooms.get(path)
@@ -53,7 +55,7 @@ async def listen(args: argparse.Namespace) -> Listening:
     app.router.add_get("/{tail:.*}", relay)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    await web.TCPSite(runner, args.host, args.port, backlog=1024).start()
+    await web.TCPSite(runner, args.host, args.port, backlog=1024, ssl_context=args.ssl).start()
     return Listening(runner.addresses[0][1], runner.cleanup)
 
 

@@ -167,6 +167,7 @@ async def listen(args: argparse.Namespace) -> Listening:
         args.host,
         args.port,
         backlog=1024,
+        ssl=args.ssl,
     )
 
     async def close() -> None:

@@ -83,7 +83,9 @@ def listener_factory(request) -> RelayListener:
 
 
 async def listen(args: argparse.Namespace) -> Listening:
-    server = await ws_create_server(listener_factory, args.host, args.port, backlog=1024)
+    server = await ws_create_server(
+        listener_factory, args.host, args.port, backlog=1024, ssl=args.ssl
+    )
 
     async def close() -> None:
         server.close()

@@ -46,6 +46,7 @@ async def listen(args: argparse.Namespace) -> Listening:
         max_queue=1024,
         backlog=1024,
         open_timeout=60,
+        ssl=args.ssl,
     )
 
     async def close() -> None:

@@ -96,6 +96,10 @@ cdef struct FastRequest:
     size_t path_start              # the room: the target up to '?'
     size_t path_end
     size_t key_start               # Sec-WebSocket-Key's 24 characters
+    size_t query_start             # the query string (after '?'); start == end: none
+    size_t query_end
+    size_t auth_start              # the Authorization value (trimmed); start == end: none
+    size_t auth_end
 
 
 cdef struct Registry:
@@ -135,6 +139,7 @@ cdef class Hub:
     # The common upgrade in C (scan_upgrade) when the gate allows it, with the
     # limits it checks; the rest goes to the gate.
     cdef public bint fast_upgrade
+    cdef public bint fast_needs_grant  # access checks on: the gate grants each fast upgrade
     cdef public Py_ssize_t max_connections
     cdef public Py_ssize_t max_request_head
     cdef public Py_ssize_t max_headers
@@ -244,7 +249,8 @@ cdef class Connection:
 
     cdef int handshake_step(self) except -1
     cdef int open(self, object accept) except -1
-    cdef int open_fast(self, FastRequest *req) except -1
+    cdef int open_fast(self, FastRequest *req, bint read_only, double expires_at) except -1
+    cdef int grant_fast(self, FastRequest *req) except -1
     cdef int join(self, str room_name, Py_ssize_t consumed) except -1
     cdef int respond_and_close(self, bytes response) except -1
     cdef size_t parse(self, char *data, size_t total) except? 0

@@ -31,6 +31,10 @@ class State(enum.IntEnum):
 class _Gate(Protocol):
     # Returns a handshake.Incomplete, Accept or Refuse.
     def decide(self, head: memoryview, scan_from: int, conn: Connection) -> Any: ...
+    # With access checks: a Refuse, or (read_only, expires_at).
+    def grant(
+        self, room: str, query: str, authorization: tuple[str, ...], conn: Connection
+    ) -> Any: ...
 
 class _Backplane(Protocol):
     # Called once per loop turn with (room, opcode, payload) of every local
@@ -51,6 +55,7 @@ class Room:
 class Hub:
     gate: _Gate | None
     fast_upgrade: bool
+    fast_needs_grant: bool
     max_connections: int
     max_request_head: int
     max_headers: int

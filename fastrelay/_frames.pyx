@@ -732,7 +732,9 @@ cdef class Connection:
                                  hub.max_request_head, hub.max_headers, hub.compression, &req)
                 and (hub.max_connections == 0 or hub.connected < hub.max_connections)
                 and hub.gate.accepting):
-            return self.open_fast(&req)
+            if not hub.fast_needs_grant:
+                return self.open_fast(&req, False, 0.0)
+            return self.grant_fast(&req)
         view = PyMemoryView_FromMemory(self.inbox.data, self.inbox.len, PyBUF_READ)
         try:
             decision = self.hub.gate.decide(view, self.inbox.scan_from, self)
@@ -756,7 +758,23 @@ cdef class Connection:
         self.expires_at = accept.expires_at
         return self.join(accept.room, accept.consumed)
 
-    cdef int open_fast(self, FastRequest *req) except -1:
+    cdef int grant_fast(self, FastRequest *req) except -1:
+        """Access checks on: the gate decides on the token of a request the
+        scan proved ordinary, and the connection acts on its answer (a
+        refusal, or what the token grants)."""
+        cdef const char *head = self.inbox.data
+        room_name = PyUnicode_DecodeASCII(head + req.path_start, req.path_end - req.path_start,
+                                          NULL)
+        query = PyUnicode_DecodeASCII(head + req.query_start, req.query_end - req.query_start,
+                                      NULL)
+        authorization = (() if req.auth_end == 0 else (PyUnicode_DecodeASCII(
+            head + req.auth_start, req.auth_end - req.auth_start, NULL),))
+        answer = self.hub.gate.grant(room_name, query, authorization, self)
+        if type(answer) is tuple:
+            return self.open_fast(req, answer[0], answer[1])
+        return self.respond_and_close(answer.response)
+
+    cdef int open_fast(self, FastRequest *req, bint read_only, double expires_at) except -1:
         """An ordinary upgrade proved valid by scan_upgrade: the 101 written
         straight into the arena, no Python object but the room's name."""
         cdef Hub hub = self.hub
@@ -771,6 +789,8 @@ cdef class Connection:
         memcpy(out + SWITCHING_LEN + ACCEPT_LEN, b"\r\n\r\n", 4)
         self.append_slice(offset, n)
         self.deflate_window = 15
+        self.read_only = read_only
+        self.expires_at = expires_at
         return self.join(room_name, req.consumed)
 
     cdef int join(self, str room_name, Py_ssize_t consumed) except -1:

@@ -99,6 +99,10 @@ cdef bint scan_upgrade(const uint8_t *p, size_t n, size_t max_head, Py_ssize_t m
         i += 1
     if out.path_end == 0:
         out.path_end = i
+    out.query_start = out.query_end = i
+    if out.path_end < i:
+        out.query_start = out.path_end + 1
+    out.auth_start = out.auth_end = 0
     if i + 11 > limit or memcmp(p + i, b" HTTP/1.1\r\n", 11) != 0:
         return False
     i += 11
@@ -166,6 +170,11 @@ cdef bint scan_upgrade(const uint8_t *p, size_t n, size_t max_head, Py_ssize_t m
                 if not is_base64(p[j]):
                     return False
             out.key_start = vs
+        elif name_is(p + line, colon - line, b"authorization"):
+            if out.auth_end != 0:
+                return False    # several: the reference decides
+            out.auth_start = vs
+            out.auth_end = ve
         elif (name_is(p + line, colon - line, b"content-length") or
               name_is(p + line, colon - line, b"transfer-encoding")):
             return False

@@ -98,6 +98,7 @@ class Relay:
             hub.close_log = self._log_close
         limits = self.gate.settings.limits
         hub.fast_upgrade = self.gate.allows_fast_path()
+        hub.fast_needs_grant = self.gate.settings.verifier is not None
         hub.max_connections = self.gate.settings.max_connections
         hub.max_request_head = limits.max_head
         hub.max_headers = limits.max_headers

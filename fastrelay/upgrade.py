@@ -54,11 +54,19 @@ class Gate:
         asking: nothing to check beyond the request itself (no tokens, no
         origin list) and nothing to log per connection."""
         settings = self.settings
-        return (
-            settings.verifier is None
-            and not settings.limits.allowed_origins
-            and not self.log.isEnabledFor(logging.DEBUG)
-        )
+        return not settings.limits.allowed_origins and not self.log.isEnabledFor(logging.DEBUG)
+
+    def grant(
+        self, room: str, query: str, authorization: tuple[str, ...], conn: Connection
+    ) -> handshake.Refuse | tuple[bool, float]:
+        """The token check for a request the compiled scan accepted: a
+        refusal (counted), or (read_only, expires_at) to open with."""
+        verifier = self.settings.verifier
+        assert verifier is not None  # the hub asks only when access checks are on
+        outcome = self._token_outcome(verifier, room, query, authorization, conn)
+        if isinstance(outcome, handshake.Refuse):
+            self.count_failure(outcome.reason)
+        return outcome
 
     def count_failure(self, reason: str, n: int = 1) -> None:
         self.failures[reason] = self.failures.get(reason, 0) + n
@@ -110,8 +118,24 @@ class Gate:
     def _check_token(
         self, verifier: auth.Verifier, accept: handshake.Accept, conn: Connection
     ) -> handshake.Accept | handshake.Refuse:
-        token = auth.find_token(accept.query, accept.authorization)
-        outcome = verifier.check(token, accept.room)
+        outcome = self._token_outcome(
+            verifier, accept.room, accept.query, accept.authorization, conn
+        )
+        if isinstance(outcome, handshake.Refuse):
+            return outcome
+        read_only, expires_at = outcome
+        return dataclasses.replace(accept, read_only=read_only, expires_at=expires_at)
+
+    def _token_outcome(
+        self,
+        verifier: auth.Verifier,
+        room: str,
+        query: str,
+        authorization: tuple[str, ...],
+        conn: Connection,
+    ) -> handshake.Refuse | tuple[bool, float]:
+        token = auth.find_token(query, authorization)
+        outcome = verifier.check(token, room)
         if isinstance(outcome, auth.Denial):
             return handshake.refuse(
                 outcome.reason, outcome.detail, (("WWW-Authenticate", outcome.challenge()),)
@@ -127,8 +151,8 @@ class Gate:
             self.log.debug(
                 "connection %s joined room %s (sub %r%s)",
                 conn.peer,
-                accept.room,
+                room,
                 outcome.subject,
                 ", read-only" if outcome.read_only else "",
             )
-        return dataclasses.replace(accept, read_only=outcome.read_only, expires_at=expires_at)
+        return outcome.read_only, expires_at

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_connection_sansio import ManualLoop, RecordingTransport, feed
 
-from fastrelay import handshake
+from fastrelay import auth, handshake
 from fastrelay._frames import Connection, Hub, State
 from fastrelay.upgrade import Gate, GateSettings
 
@@ -22,8 +22,15 @@ from fastrelay.upgrade import Gate, GateSettings
 class CountingGate(Gate):
     """The real gate, counting how often it was asked."""
 
-    def __init__(self, limits: handshake.Limits, max_connections: int = 0) -> None:
-        super().__init__(GateSettings(limits, max_connections, None), logging.getLogger("t"))
+    def __init__(
+        self,
+        limits: handshake.Limits,
+        max_connections: int = 0,
+        verifier: auth.Verifier | None = None,
+    ) -> None:
+        super().__init__(
+            GateSettings(limits, max_connections, None, verifier), logging.getLogger("t")
+        )
         self.asked = 0
 
     def decide(self, head: memoryview, scan_from: int, conn: Connection) -> Any:
@@ -32,14 +39,19 @@ class CountingGate(Gate):
 
 
 def upgrade(
-    request: bytes, fast: bool, limits: handshake.Limits, step: int = 0
+    request: bytes,
+    fast: bool,
+    limits: handshake.Limits,
+    step: int = 0,
+    verifier: auth.Verifier | None = None,
 ) -> tuple[bytes, list[str], State, int]:
     """What one connection writes for `request`, the rooms that exist
     afterwards, its state, and how often the gate was asked."""
     loop = ManualLoop()
-    gate = CountingGate(limits)
+    gate = CountingGate(limits, verifier=verifier)
     hub = Hub(loop, gate, ping_interval=0.0)
     hub.fast_upgrade = fast
+    hub.fast_needs_grant = verifier is not None
     hub.max_request_head = limits.max_head
     hub.max_headers = limits.max_headers
     hub.compression = limits.compression
@@ -48,7 +60,7 @@ def upgrade(
     conn.connection_made(transport)
     feed(conn, request, step)
     loop.run_turn()
-    return transport.take(), sorted(hub.rooms), conn.state, gate.asked
+    return transport.take(), sorted(hub.rooms), (conn.state, conn.read_only), gate.asked
 
 
 KEY = base64.b64encode(bytes(range(16))).decode()
@@ -168,4 +180,47 @@ def test_the_scan_never_disagrees_with_the_reference(
     limits = handshake.Limits(max_head=max_head, max_headers=max_headers, compression=compression)
     fast = upgrade(request, True, limits, step)
     slow = upgrade(request, False, limits, step)
+    assert fast[:3] == slow[:3]
+
+
+SECRET = b"s" * 32
+TOKENS = {
+    "lobby": auth.mint(SECRET, "HS256", ["/lobby"], 3600),
+    "lobby, read-only": auth.mint(SECRET, "HS256", ["/lobby"], 3600, read_only=True),
+    "other room": auth.mint(SECRET, "HS256", ["/elsewhere"], 3600),
+    "expired": auth.mint(SECRET, "HS256", ["/lobby"], -3600),
+    "bad signature": auth.mint(b"t" * 32, "HS256", ["/lobby"], 3600),
+    "garbage": "not.a.token",
+}
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    token=st.sampled_from([None, *TOKENS]),
+    second=st.sampled_from([None, *TOKENS]),
+    where=st.sampled_from(["query", "header", "both", "two headers"]),
+    room=st.sampled_from(["/lobby", "/elsewhere"]),
+)
+def test_with_tokens_the_scan_and_the_reference_grant_the_same(
+    token: str | None, second: str | None, where: str, room: str
+) -> None:
+    """Access checks on: same refusals (401/403), same grants (read-only)."""
+    verifier = auth.Verifier(SECRET, ["HS256"])
+    first_value = TOKENS[token] if token else ""
+    second_value = TOKENS[second] if second else first_value
+    target, headers = room, ""
+    if where in ("query", "both") and token:
+        target += f"?x=1&token={first_value}"
+    if where in ("header", "both") and token:
+        headers += f"Authorization: Bearer {second_value if where == 'both' else first_value}\r\n"
+    if where == "two headers" and token:
+        headers += f"Authorization: Bearer {first_value}\r\nAuthorization: Basic abc\r\n"
+    request = (
+        f"GET {target} HTTP/1.1\r\nHost: relay\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\n"
+        f"Sec-WebSocket-Version: 13\r\n{headers}\r\n"
+    ).encode()
+    limits = handshake.Limits()
+    fast = upgrade(request, True, limits, verifier=verifier)
+    slow = upgrade(request, False, limits, verifier=verifier)
     assert fast[:3] == slow[:3]

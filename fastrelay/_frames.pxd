@@ -184,6 +184,9 @@ cdef class Hub:
     cdef size_t arena_cap
     cdef Registry dirty
     cdef Registry held                 # senders not read again until the flush
+    # Long runs of the arena handed to transports this turn, one bytes object
+    # per run shared by every member that needs it: (offset, length) -> bytes.
+    cdef dict shared
     cdef object flush_callback
 
     # One read buffer shared by all connections.
@@ -215,6 +218,7 @@ cdef class Hub:
     cdef int expire(self, double now) except -1
     cdef int keepalive(self, double now) except -1
     cdef void release_held(self) noexcept
+    cdef object shared_run(self, size_t offset, size_t length)
     cdef void share_outgoing(self) noexcept
     cdef void shrink_arena(self) noexcept
 
@@ -274,6 +278,7 @@ cdef class Connection:
     cdef int hold_output(self) except -1
     cdef int release_output(self) except -1
     cdef int queue_rest(self, Py_ssize_t first, size_t skip) except -1
+    cdef bytes copy_slices(self, Py_ssize_t start, Py_ssize_t end, size_t skip)
     cdef int drop_broken(self) except -1
     cdef int slow_client(self, bytes reason) except -1
     cdef int congestion_check(self, double now) except -1

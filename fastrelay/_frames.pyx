@@ -100,6 +100,9 @@ DEF MESSAGE_KEEP = 65536
 # which RFC 7692 section 6 allows); zlib level 6 is its default.
 DEF COMPRESS_MIN = 128
 DEF COMPRESS_LEVEL = 6
+# A slice at least this long that a socket could not take goes to the
+# transports as one object shared by all members (see queue_rest).
+DEF SHARE_MIN = 65536
 # At most this many slices per sendmsg (Linux IOV_MAX is 1024).
 DEF MAX_IOV = 512
 
@@ -176,6 +179,7 @@ cdef class Hub:
         self.rooms = {}
         self.closes = {}
         self.outgoing = []
+        self.shared = {}
         self.echo = echo
         self.max_message_size = max_message_size
         self.max_backlog = max_backlog
@@ -500,12 +504,24 @@ cdef class Hub:
             self.dirty.count = 0
             if self.held.count:
                 self.release_held()
+            if self.shared:
+                self.shared.clear()
             if self.outgoing:
                 self.share_outgoing()
             self.arena_len = 0
             if self.arena_cap > ARENA_KEEP:
                 # A turn of big messages grew it: give the memory back.
                 self.shrink_arena()
+
+    cdef object shared_run(self, size_t offset, size_t length):
+        """The arena's bytes [offset, offset + length) as one bytes object,
+        made once per turn however many members need them."""
+        key = (offset, length)
+        run = self.shared.get(key)
+        if run is None:
+            run = PyBytes_FromStringAndSize(self.arena + offset, length)
+            self.shared[key] = run
+        return run
 
     cdef void release_held(self) noexcept:
         """Read the senders held for this turn again, unless their room is
@@ -1258,27 +1274,37 @@ cdef class Connection:
 
     cdef int queue_rest(self, Py_ssize_t first, size_t skip) except -1:
         """Hand the unsent bytes (slices from `first`, minus `skip` bytes
-        already sent) to the transport's buffer in one write, then apply
-        the slow-client policy."""
+        already sent) to the transport's buffer, then apply the slow-client
+        policy. Short slices are copied together into one bytes object; a
+        long one (a big message) is one object per turn shared by every
+        member (Hub.shared_run; the transport keeps a reference, it does
+        not copy), so a big message is not copied once per member."""
         cdef Hub hub = self.hub
         cdef Outbox *out = &self.out
-        cdef Py_ssize_t i
-        cdef size_t n = 0
+        cdef Py_ssize_t i, copy_from = -1
+        cdef size_t n = 0, copy_skip = 0
         cdef Slice *s
         for i in range(first, out.count):
             n += out.slices[i].length
         n -= skip
-        cdef bytes rest = PyBytes_FromStringAndSize(NULL, n)
-        cdef char *dst = PyBytes_AS_STRING(rest)
         for i in range(first, out.count):
             s = &out.slices[i]
             if skip >= s.length:
                 skip -= s.length
                 continue
-            memcpy(dst, hub.arena + s.offset + skip, s.length - skip)
-            dst += s.length - skip
+            if s.length - skip < SHARE_MIN:
+                if copy_from < 0:
+                    copy_from, copy_skip = i, skip
+                skip = 0
+                continue
+            if copy_from >= 0:
+                self.transport.write(self.copy_slices(copy_from, i, copy_skip))
+                copy_from = -1
+            run = hub.shared_run(s.offset, s.length)
+            self.transport.write(run if skip == 0 else memoryview(run)[skip:])
             skip = 0
-        self.transport.write(rest)
+        if copy_from >= 0:
+            self.transport.write(self.copy_slices(copy_from, out.count, copy_skip))
         # Counted when handed over: the transport writes them later.
         hub.bytes_sent += n
         out.via_transport = True
@@ -1286,6 +1312,21 @@ cdef class Connection:
         if out.backlog > hub.hard_backlog and not hub.drop_slow and self.state == OPEN:
             self.slow_client(b"backlog limit exceeded")
         return 0
+
+    cdef bytes copy_slices(self, Py_ssize_t start, Py_ssize_t end, size_t skip):
+        """Slices [start, end), less `skip` bytes of the first, in one bytes."""
+        cdef Outbox *out = &self.out
+        cdef Py_ssize_t i
+        cdef size_t n = 0
+        for i in range(start, end):
+            n += out.slices[i].length
+        cdef bytes joined = PyBytes_FromStringAndSize(NULL, n - skip)
+        cdef char *dst = PyBytes_AS_STRING(joined)
+        for i in range(start, end):
+            memcpy(dst, self.hub.arena + out.slices[i].offset + skip, out.slices[i].length - skip)
+            dst += out.slices[i].length - skip
+            skip = 0
+        return joined
 
     cdef int drop_broken(self) except -1:
         if self.room is not None:

@@ -36,6 +36,7 @@ class RecordingTransport:
 
     def __init__(self) -> None:
         self.writes: list[bytes] = []
+        self.objects: list[object] = []  # what write() was given, as given
         self.buffered = 0  # what get_write_buffer_size() reports
         self.closed = False
         self.eof_written = False  # our side half-closed (write_eof)
@@ -48,6 +49,7 @@ class RecordingTransport:
 
     def write(self, data: bytes) -> None:
         assert not (self.ended or self.aborted), "write after the end"
+        self.objects.append(data)
         self.writes.append(bytes(data))
 
     def set_write_buffer_limits(self, high: int, low: int) -> None:
@@ -732,3 +734,22 @@ def test_a_burst_of_big_messages_is_not_a_slow_reader() -> None:
     feed(sender, client_frame(Opcode.BINARY, b"x"))
     relay.loop.run_turn()
     assert reader.state == State.CLOSED and relay.hub.slow_disconnects == 1
+
+
+def test_a_big_message_is_one_object_for_every_member_not_a_copy_each() -> None:
+    """What a socket could not take goes to the transports; a big message
+    goes as one bytes object shared by all members (the transport keeps a
+    reference), small frames around it are copied together."""
+    relay = Relay(max_message_size=1 << 20)
+    members = [relay.join() for _ in range(3)]
+    sender = members[0][0]
+    big = bytes(range(256)) * 400  # 100 KB
+    feed(sender, client_frame(Opcode.TEXT, b"before") + client_frame(Opcode.BINARY, big))
+    relay.loop.run_turn()
+    shared = [transport.objects[-1] for _, transport in members]
+    assert shared[0] is shared[1] is shared[2]
+    for _, transport in members:
+        assert frames_of(transport.take()) == [
+            (True, Opcode.TEXT, b"before"),
+            (True, Opcode.BINARY, big),
+        ]

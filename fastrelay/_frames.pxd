@@ -183,7 +183,7 @@ cdef class Hub:
     cdef size_t arena_len
     cdef size_t arena_cap
     cdef Registry dirty
-    cdef Registry held                 # senders not read again until the flush
+    cdef Registry paused_senders       # not read again until the flush
     # Long runs of the arena handed to transports this turn, one bytes object
     # per run shared by every member that needs it: (offset, length) -> bytes.
     cdef dict shared
@@ -217,7 +217,7 @@ cdef class Hub:
                               const char *payload, size_t n) except -1
     cdef int expire(self, double now) except -1
     cdef int keepalive(self, double now) except -1
-    cdef void release_held(self) noexcept
+    cdef void resume_senders(self) noexcept
     cdef object shared_run(self, size_t offset, size_t length)
     cdef void share_outgoing(self) noexcept
     cdef void shrink_arena(self) noexcept

@@ -210,10 +210,10 @@ cdef class Hub:
             Py_DECREF(<object>self.dirty.items[i])
         for i in range(self.clients.count):
             Py_DECREF(<object>self.clients.items[i])
-        for i in range(self.held.count):
-            Py_DECREF(<object>self.held.items[i])
+        for i in range(self.paused_senders.count):
+            Py_DECREF(<object>self.paused_senders.items[i])
         free(self.dirty.items)
-        free(self.held.items)
+        free(self.paused_senders.items)
         free(self.clients.items)
         free(self.arena)
         # shared_view is never handed out beyond a single read.
@@ -502,8 +502,8 @@ cdef class Hub:
             for i in range(self.dirty.count):
                 Py_DECREF(<object>self.dirty.items[i])
             self.dirty.count = 0
-            if self.held.count:
-                self.release_held()
+            if self.paused_senders.count:
+                self.resume_senders()
             if self.shared:
                 self.shared.clear()
             if self.outgoing:
@@ -523,13 +523,13 @@ cdef class Hub:
             self.shared[key] = run
         return run
 
-    cdef void release_held(self) noexcept:
+    cdef void resume_senders(self) noexcept:
         """Read the senders held for this turn again, unless their room is
         waiting for a slow member (then the room resumes them)."""
         cdef Py_ssize_t i
         cdef Connection c
-        for i in range(self.held.count):
-            c = <Connection>self.held.items[i]
+        for i in range(self.paused_senders.count):
+            c = <Connection>self.paused_senders.items[i]
             if c.room is None or c.room.congested == 0:
                 try:
                     c.set_reading(False)
@@ -539,7 +539,7 @@ cdef class Hub:
                         "exception": exc,
                     })
             Py_DECREF(c)
-        self.held.count = 0
+        self.paused_senders.count = 0
 
     cdef void share_outgoing(self) noexcept:
         """Hand this turn's local messages to the backplane in one batch; a
@@ -731,7 +731,7 @@ cdef class Connection:
             # for the flush, so no member gets more than that in one turn
             # before backpressure can act.
             self.set_reading(True)
-            registry_push(&hub.held, self)
+            registry_push(&hub.paused_senders, self)
 
     # -- the upgrade -------------------------------------------------------------
 

@@ -20,7 +20,11 @@ fastrelay. Server CPU includes the workers and the supervisor, not
 redis-server. On a 2-core machine the load generator and redis-server share
 the cores with the workers: pinning is off for fr-workers2's sake (--no-pin).
 
-    python bench/scaleout.py [bench/run.py options, e.g. --reps 3 --workloads fanout]
+    python bench/scaleout.py [--before DIR] [bench/run.py options, e.g. --reps 3 --workloads fanout]
+
+`--before DIR` adds `bp-before`: fr-backplane's setup run from another
+checkout (built in place), for an A/B of a change side by side; name it in
+`--servers` to include it.
 """
 
 from __future__ import annotations
@@ -54,6 +58,9 @@ def config(workdir: Path, name: str, extra: dict[str, object]) -> str:
 
 
 def main(argv: list[str]) -> int:
+    before = None
+    if argv[:1] == ["--before"]:
+        before, argv = argv[1], argv[2:]
     workdir = Path(tempfile.mkdtemp(prefix="fastrelay-scaleout-"))
     redis_proc, port = start_redis(workdir)
     try:
@@ -67,6 +74,12 @@ def main(argv: list[str]) -> int:
             f"{name}={python} -m fastrelay --config-file {config(workdir, name, extra)}"
             for name, extra in setups.items()
         ]
+        if before is not None:
+            # env -C: `python -m` puts the working directory first on sys.path.
+            commands.append(
+                f"bp-before=env -C {before} PYTHONPATH={before} {python} -m fastrelay "
+                f"--config-file {workdir / 'fr-backplane.yaml'}"
+            )
         args = [python, str(HERE / "run.py"), "--no-pin"]
         args += ["--servers", "fastrelay," + ",".join(setups)]
         for command in commands:

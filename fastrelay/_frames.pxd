@@ -123,6 +123,14 @@ cdef class Room:
     # (their 101 first) is held, so that a client never hears "joined" before
     # messages from other processes can reach it.
     cdef readonly bint pending
+    # This turn's messages from local senders for the other processes: the
+    # body of one backplane packet (per message: opcode, 4-byte big-endian
+    # length, payload; backplane.py adds the header), sealed at the flush.
+    cdef char *outbound
+    cdef size_t outbound_len
+    cdef size_t outbound_cap
+    cdef Py_ssize_t outbound_count
+    cdef bint outbound_listed          # in the hub's outbound_rooms this turn
 
     cdef int pause_reading(self) except -1
     cdef int resume_reading(self) except -1
@@ -146,7 +154,10 @@ cdef class Hub:
     cdef public bint compression
     cdef public object close_log       # None, or called with (conn, code, reason, by_peer)
     cdef public object backplane       # None, or shares rooms with other processes
-    cdef list outgoing                 # this turn's local messages for the backplane
+    # This turn's sealed packet bodies for the backplane, (room, body,
+    # messages), and the rooms still filling one.
+    cdef list outgoing
+    cdef Registry outbound_rooms
     cdef readonly bint echo
     cdef readonly Py_ssize_t max_message_size
     cdef readonly Py_ssize_t max_backlog
@@ -219,6 +230,9 @@ cdef class Hub:
     cdef int keepalive(self, double now) except -1
     cdef void resume_senders(self) noexcept
     cdef object shared_run(self, size_t offset, size_t length)
+    cdef int queue_outbound(self, Room room, uint8_t opcode, const char *payload,
+                            size_t n) except -1
+    cdef int seal_outbound(self, Room room) except -1
     cdef void share_outgoing(self) noexcept
     cdef void shrink_arena(self) noexcept
 

@@ -90,6 +90,28 @@ DEF SHARED_READ_SIZE = 262144
 # needed more.
 DEF ARENA_START = 65536
 DEF ARENA_KEEP = 4194304
+# A room's backplane packet is sealed once it reaches this size, so one busy
+# room never makes a huge Redis message; a bigger message travels alone.
+DEF PACKET_TARGET = 262144
+# A packet buffer bigger than this is given back when sealed.
+DEF OUTBOUND_KEEP = 65536
+# Opcode and 4-byte length before each message of a packet body.
+DEF ENTRY_HEAD = 5
+
+
+cdef inline size_t entry_length(const unsigned char *p) noexcept:
+    return (<size_t>p[0] << 24) | (<size_t>p[1] << 16) | (<size_t>p[2] << 8) | p[3]
+
+
+cdef bytes entry_head(uint8_t opcode, size_t n):
+    """The head of one message in a packet body (see Hub.queue_outbound)."""
+    cdef unsigned char head[ENTRY_HEAD]
+    head[0] = opcode
+    head[1] = <unsigned char>(n >> 24)
+    head[2] = <unsigned char>(n >> 16)
+    head[3] = <unsigned char>(n >> 8)
+    head[4] = <unsigned char>n
+    return PyBytes_FromStringAndSize(<char *>head, ENTRY_HEAD)
 # After our close frame, at most LINGER_FACTOR x max(max_message_size,
 # LINGER_MIN) bytes from the client are read and dropped before a reset.
 DEF LINGER_FACTOR = 8
@@ -119,6 +141,7 @@ cdef class Room:
         for i in range(self.members.count):
             Py_DECREF(<object>self.members.items[i])
         free(self.members.items)
+        free(self.outbound)
 
     def __len__(self):
         return self.members.count
@@ -212,6 +235,9 @@ cdef class Hub:
             Py_DECREF(<object>self.clients.items[i])
         for i in range(self.paused_senders.count):
             Py_DECREF(<object>self.paused_senders.items[i])
+        for i in range(self.outbound_rooms.count):
+            Py_DECREF(<object>self.outbound_rooms.items[i])
+        free(self.outbound_rooms.items)
         free(self.dirty.items)
         free(self.paused_senders.items)
         free(self.clients.items)
@@ -399,10 +425,7 @@ cdef class Hub:
                     zoffset[window] = self.encode_compressed(opcode, window, payload, n,
                                                              &zlength[window])
         if self.backplane is not None and sender is not None:
-            # One copy per message (not per member), published once per turn.
-            if not self.outgoing and self.dirty.count == 0:
-                self.loop.call_soon(self.flush_callback)
-            self.outgoing.append((room.name, opcode, PyBytes_FromStringAndSize(payload, n)))
+            self.queue_outbound(room, opcode, payload, n)
         for i in range(room.members.count):
             m = <Connection>room.members.items[i]
             if m is sender and not self.echo:
@@ -429,9 +452,12 @@ cdef class Hub:
         if len(data) > self.max_message_size:
             raise ValueError("message larger than relay.max_message_size")
         if self.backplane is not None:
-            if not self.outgoing and self.dirty.count == 0:
-                self.loop.call_soon(self.flush_callback)
-            self.outgoing.append((room_name, opcode, data))
+            if room is not None:
+                self.queue_outbound(room, opcode, PyBytes_AS_STRING(data), len(data))
+            else:
+                if not self.outgoing and self.outbound_rooms.count == 0 and self.dirty.count == 0:
+                    self.loop.call_soon(self.flush_callback)
+                self.outgoing.append((room_name, entry_head(opcode, len(data)) + data, 1))
         # Counted where it enters the relay (here, or at the process that
         # published it), so that a total over processes counts it once.
         self.messages += 1
@@ -458,22 +484,49 @@ cdef class Hub:
         for name in [name for name, room in self.rooms.items() if (<Room>room).pending]:
             self.room_ready(name)
 
-    def deliver(self, str room_name, int opcode, payload):
-        """A message another process relayed (from the backplane): to the
-        local members of its room, encoded once into this turn's arena like
-        a local one, and not published again. Returns the deliveries."""
+    def deliver_packet(self, str room_name, packet, Py_ssize_t start):
+        """A packet body another process published (from the backplane,
+        body from `start`): each message to the local members of its room,
+        encoded once into this turn's arena like a local one, and not
+        published again. Returns how many messages it held; ValueError
+        (and nothing delivered) when the body is truncated."""
         cdef Room room = self.rooms.get(room_name)
-        cdef const unsigned char[::1] data = payload
-        if room is None or (opcode != TEXT and opcode != BINARY):
-            return 0
-        if data.shape[0] == 0:
-            return self.broadcast(room, None, opcode, b"", 0)
-        return self.broadcast(room, None, opcode, <const char *>&data[0], data.shape[0])
+        cdef const unsigned char[::1] data = packet
+        cdef Py_ssize_t end = data.shape[0]
+        cdef Py_ssize_t at = start
+        cdef Py_ssize_t count = 0
+        cdef size_t n
+        cdef uint8_t opcode
+        cdef const char *base
+        if start < 0 or start > end:
+            raise ValueError("packet body outside the packet")
+        while at < end:  # the whole body is checked before any of it is delivered
+            if end - at < ENTRY_HEAD:
+                raise ValueError("truncated message header")
+            n = entry_length(&data[at + 1])
+            at += ENTRY_HEAD
+            if <size_t>(end - at) < n:
+                raise ValueError("truncated message")
+            at += n
+            count += 1
+        if room is None or count == 0:
+            return count
+        base = <const char *>&data[0]
+        at = start
+        while at < end:
+            opcode = data[at]
+            n = entry_length(&data[at + 1])
+            at += ENTRY_HEAD
+            if opcode == TEXT or opcode == BINARY:
+                self.broadcast(room, None, opcode, base + at, n)
+            at += n
+        return count
 
     def flush(self):
         """Write every dirty connection's slices: one write each."""
         cdef Py_ssize_t i
         cdef Connection c
+        cdef Room room
         try:
             i = 0
             # Entries added while flushing (none are expected) are written
@@ -506,6 +559,12 @@ cdef class Hub:
                 self.resume_senders()
             if self.shared:
                 self.shared.clear()
+            for i in range(self.outbound_rooms.count):
+                room = <Room>self.outbound_rooms.items[i]
+                room.outbound_listed = False
+                self.seal_outbound(room)
+                Py_DECREF(room)
+            self.outbound_rooms.count = 0
             if self.outgoing:
                 self.share_outgoing()
             self.arena_len = 0
@@ -540,6 +599,46 @@ cdef class Hub:
                     })
             Py_DECREF(c)
         self.paused_senders.count = 0
+
+    cdef int queue_outbound(self, Room room, uint8_t opcode, const char *payload,
+                            size_t n) except -1:
+        """Add a local message to its room's packet for the backplane: a
+        copy per message (not per member), published once per turn."""
+        cdef char *p
+        if not room.outbound_listed:
+            if not self.outgoing and self.outbound_rooms.count == 0 and self.dirty.count == 0:
+                self.loop.call_soon(self.flush_callback)
+            registry_push(&self.outbound_rooms, room)
+            room.outbound_listed = True
+        if room.outbound_len and room.outbound_len + ENTRY_HEAD + n > PACKET_TARGET:
+            self.seal_outbound(room)
+        grow(<void **>&room.outbound, &room.outbound_cap, room.outbound_len + ENTRY_HEAD + n, 1,
+             1024)
+        p = room.outbound + room.outbound_len
+        p[0] = <char>opcode
+        p[1] = <char>(n >> 24)
+        p[2] = <char>(n >> 16)
+        p[3] = <char>(n >> 8)
+        p[4] = <char>n
+        if n:
+            memcpy(p + ENTRY_HEAD, payload, n)
+        room.outbound_len += ENTRY_HEAD + n
+        room.outbound_count += 1
+        return 0
+
+    cdef int seal_outbound(self, Room room) except -1:
+        """The room's packet so far goes to this turn's outgoing list."""
+        if room.outbound_count:
+            self.outgoing.append((room.name,
+                                  PyBytes_FromStringAndSize(room.outbound, room.outbound_len),
+                                  room.outbound_count))
+        room.outbound_len = 0
+        room.outbound_count = 0
+        if room.outbound_cap > OUTBOUND_KEEP:
+            free(room.outbound)
+            room.outbound = NULL
+            room.outbound_cap = 0
+        return 0
 
     cdef void share_outgoing(self) noexcept:
         """Hand this turn's local messages to the backplane in one batch; a
@@ -1152,6 +1251,9 @@ cdef class Connection:
         hub.disconnections_total += 1
         if room.members.count == 0 and hub.rooms.get(room.name) is room:
             del hub.rooms[room.name]
+            # What its members sent this turn goes before anything published
+            # to the room's name from now on (the API may publish to it).
+            hub.seal_outbound(room)
             if hub.backplane is not None:
                 hub.backplane.room_closed(room.name)
         return 0

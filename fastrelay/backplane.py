@@ -1,12 +1,14 @@
 """The Redis pub/sub backplane: rooms shared by processes and hosts.
 
-The hub hands over each loop turn's local messages in one call
-(`send_batch`); they wait in a queue bounded in bytes until the writer task
-publishes them. All messages of one room in a batch travel as one Redis
-message (a packet), and all packets of a batch as one pipeline: one write,
-whatever the number of messages. Packets published by other processes are
-read by the reader task and handed to `Hub.deliver`, which encodes each
-message once into the turn's arena like a local one.
+The hub gathers each loop turn's local messages per room, in compiled code,
+into packet bodies (per message: opcode, length, payload) and hands them
+over in one call (`send_batch`); they wait in a queue bounded in bytes
+until the writer task publishes them. All messages of one room in a turn
+travel as one Redis message (a packet: a header, then the body), and all
+packets of a batch as one pipeline: one write, whatever the number of
+messages. Packets published by other processes are read by the reader task
+and handed whole to `Hub.deliver_packet`, which encodes each message once
+into the turn's arena like a local one.
 
 Each room has its own channel (prefix + room, UTF-8), subscribed while the
 room has local members. A packet starts with the publishing process's
@@ -26,7 +28,6 @@ import logging
 import os
 import random
 import struct
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
@@ -41,16 +42,13 @@ from .config import BackplaneConfig, redact_url
 if TYPE_CHECKING:
     from ._frames import Hub
 
-# A packet: version, the publishing process's id, then per message its
-# opcode, payload length and payload.
+# A packet: version and the publishing process's id, then the body the hub
+# built: per message its opcode, 4-byte big-endian payload length and
+# payload (the hub seals a body at 256 KiB, so one busy room cannot make a
+# single huge Redis message).
 PACKET_VERSION = 1
 ORIGIN_SIZE = 8
 _HEAD = struct.Struct(">B8s")
-_ENTRY = struct.Struct(">BI")
-
-# A room's messages of one batch go in packets of about this size, so one
-# busy room cannot make a single huge Redis message.
-PACKET_TARGET = 256 * 1024
 
 RECONNECT_MIN_DELAY = 0.1
 # An idle publishing connection is checked this often, so a Redis that
@@ -61,47 +59,6 @@ CONNECT_TIMEOUT = 5.0
 # deemed lost.
 COMMAND_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 2.0
-
-
-class PacketError(ValueError):
-    """A message on one of our channels that is not a packet we can read."""
-
-
-def encode_packets(origin: bytes, messages: list[tuple[int, bytes]]) -> Iterator[bytes]:
-    """One room's messages as packets of about PACKET_TARGET bytes, in order."""
-    parts = [_HEAD.pack(PACKET_VERSION, origin)]
-    size = _HEAD.size
-    for opcode, payload in messages:
-        if size > _HEAD.size and size + len(payload) > PACKET_TARGET:
-            yield b"".join(parts)
-            parts = [parts[0]]
-            size = _HEAD.size
-        parts.append(_ENTRY.pack(opcode, len(payload)))
-        parts.append(payload)
-        size += _ENTRY.size + len(payload)
-    yield b"".join(parts)
-
-
-def decode_packet(data: bytes) -> tuple[bytes, list[tuple[int, memoryview]]]:
-    """(origin, [(opcode, payload)]) of a packet; payloads are views, not copies."""
-    if len(data) < _HEAD.size:
-        raise PacketError("shorter than a packet header")
-    version, origin = _HEAD.unpack_from(data)
-    if version != PACKET_VERSION:
-        raise PacketError(f"packet version {version}")
-    view = memoryview(data)
-    messages = []
-    at = _HEAD.size
-    while at < len(data):
-        if at + _ENTRY.size > len(data):
-            raise PacketError("truncated message header")
-        opcode, length = _ENTRY.unpack_from(data, at)
-        at += _ENTRY.size
-        if at + length > len(data):
-            raise PacketError("truncated message")
-        messages.append((opcode, view[at : at + length]))
-        at += length
-    return origin, messages
 
 
 class RedisBackplane:
@@ -119,8 +76,9 @@ class RedisBackplane:
         self.prefix = settings.channel_prefix.encode("utf-8")
         self.origin = os.urandom(ORIGIN_SIZE)
         self.connected = False
-        # The queue to Redis: (room, opcode, payload) in the hub's order.
-        self.queue: list[tuple[str, int, bytes]] = []
+        # The queue to Redis: (room, packet body, messages) in the hub's order.
+        self.queue: list[tuple[str, bytes, int]] = []
+        self.head = _HEAD.pack(PACKET_VERSION, self.origin)
         self.queued_bytes = 0  # queued plus being published
         self.subscribed: set[bytes] = set()
         self.unsubscribing: set[bytes] = set()  # UNSUBSCRIBE sent, not done
@@ -136,17 +94,18 @@ class RedisBackplane:
 
     # -- the hub's side: synchronous, never raises --------------------------------
 
-    def send_batch(self, batch: list[tuple[str, int, bytes]]) -> None:
+    def send_batch(self, batch: list[tuple[str, bytes, int]]) -> None:
+        """This turn's packet bodies: (room, body, how many messages)."""
         if not self.connected:
-            self.dropped += len(batch)
+            self.dropped += sum(packet[2] for packet in batch)
             return
         limit = self.settings.max_queue_bytes
-        for message in batch:
-            size = len(message[2])
+        for packet in batch:
+            size = len(packet[1])
             if self.queued_bytes + size > limit:
-                self.dropped += 1  # local members have it already
+                self.dropped += packet[2]  # local members have them already
                 continue
-            self.queue.append(message)
+            self.queue.append(packet)
             self.queued_bytes += size
         self.wake_writer.set()
 
@@ -320,25 +279,23 @@ class RedisBackplane:
             # in this one.
             while self.queue:
                 batch, self.queue = self.queue, []
-                size = sum(len(payload) for _, _, payload in batch)
+                size = sum(len(body) for _, body, _ in batch)
+                messages = sum(count for _, _, count in batch)
                 try:
                     await self.publish(client, batch)
                 except BaseException:
-                    self.dropped += len(batch)  # maybe published, maybe not
+                    self.dropped += messages  # maybe published, maybe not
                     raise
                 finally:
                     self.queued_bytes -= size
-                self.published += len(batch)
+                self.published += messages
 
-    async def publish(self, client: redis.Redis, batch: list[tuple[str, int, bytes]]) -> None:
-        by_room: dict[str, list[tuple[int, bytes]]] = {}
-        for room, opcode, payload in batch:
-            by_room.setdefault(room, []).append((opcode, payload))
+    async def publish(self, client: redis.Redis, batch: list[tuple[str, bytes, int]]) -> None:
+        """One pipeline; a room's packets keep their order (one connection)."""
         pipe = client.pipeline(transaction=False)
-        for room, messages in by_room.items():
-            channel = self.channel(room)
-            for packet in encode_packets(self.origin, messages):
-                pipe.publish(channel, packet)
+        head = self.head
+        for room, body, _ in batch:
+            pipe.publish(self.channel(room), head + body)
         await pipe.execute()
 
     async def read_loop(self, pubsub: PubSub) -> None:
@@ -360,14 +317,12 @@ class RedisBackplane:
             if data[1 : 1 + ORIGIN_SIZE] == self.origin:
                 continue  # ours, back from Redis: local members have it
             try:
-                _, messages = decode_packet(data)
+                if len(data) < _HEAD.size or data[0] != PACKET_VERSION:
+                    raise ValueError("not a version %d packet" % PACKET_VERSION)
                 room = message["channel"][prefix_len:].decode("utf-8")
-            except (PacketError, UnicodeDecodeError) as e:
+                self.received += hub.deliver_packet(room, data, _HEAD.size)
+            except ValueError as e:  # UnicodeDecodeError is one
                 self.foreign_message(message["channel"], e)
-                continue
-            for opcode, payload in messages:
-                hub.deliver(room, opcode, payload)
-            self.received += len(messages)
 
     def foreign_message(self, channel: bytes, problem: Exception) -> None:
         # Someone else publishes on our channels (a prefix shared with

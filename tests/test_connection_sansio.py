@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import struct
 from typing import Any
 
 import pytest
@@ -581,11 +582,11 @@ class RecordingBackplane:
     """What the hub hands a backplane, recorded."""
 
     def __init__(self, ready: bool = True) -> None:
-        self.batches: list[list[tuple[str, int, bytes]]] = []
+        self.batches: list[list[tuple[str, bytes, int]]] = []
         self.events: list[tuple[str, str]] = []
         self.ready = ready  # what room_opened answers: subscribed already?
 
-    def send_batch(self, batch: list[tuple[str, int, bytes]]) -> None:
+    def send_batch(self, batch: list[tuple[str, bytes, int]]) -> None:
         self.batches.append(batch)
 
     def room_opened(self, room: str) -> bool:
@@ -596,6 +597,11 @@ class RecordingBackplane:
         self.events.append(("closed", room))
 
 
+def packet_body(*messages: tuple[int, bytes]) -> bytes:
+    """A backplane packet body: per message opcode, 4-byte length, payload."""
+    return b"".join(struct.pack(">BI", op, len(p)) + p for op, p in messages)
+
+
 def test_local_messages_are_shared_once_per_turn_and_remote_ones_are_not() -> None:
     relay = Relay(echo=False)
     backplane = relay.hub.backplane = RecordingBackplane()
@@ -603,21 +609,74 @@ def test_local_messages_are_shared_once_per_turn_and_remote_ones_are_not() -> No
     assert backplane.events == [("opened", "/b")]
     feed(sender, client_frame(Opcode.TEXT, b"one") + client_frame(Opcode.BINARY, b"two"))
     relay.loop.run_turn()
-    assert backplane.batches == [[("/b", Opcode.TEXT, b"one"), ("/b", Opcode.BINARY, b"two")]]
-    # From another process: every local member gets it (the sender is
-    # elsewhere), and it is not published again.
-    assert relay.hub.deliver("/b", Opcode.TEXT, b"remote") == 2
-    assert relay.hub.deliver("/nobody", Opcode.TEXT, b"x") == 0
+    body = packet_body((Opcode.TEXT, b"one"), (Opcode.BINARY, b"two"))
+    assert backplane.batches == [[("/b", body, 2)]]
+    # From another process (a packet: 9 bytes of header, then a body): every
+    # local member gets each message (the sender is elsewhere), and nothing
+    # is published again.
+    remote = b"H" * 9 + packet_body((Opcode.TEXT, b"remote"), (Opcode.BINARY, b""))
+    assert relay.hub.deliver_packet("/b", remote, 9) == 2
+    assert relay.hub.deliver_packet("/nobody", remote, 9) == 2
     relay.loop.run_turn()
     assert len(backplane.batches) == 1
     # Counted where they entered: the two local ones only, so that a total
     # over processes counts each message once.
     assert relay.hub.counters()["messages_total"] == 2
-    assert frames_of(sender_out.take()) == [(True, Opcode.TEXT, b"remote")]
-    assert frames_of(other_out.take())[-1] == (True, Opcode.TEXT, b"remote")
+    assert frames_of(sender_out.take()) == [
+        (True, Opcode.TEXT, b"remote"),
+        (True, Opcode.BINARY, b""),
+    ]
+    assert frames_of(other_out.take())[-2:] == [
+        (True, Opcode.TEXT, b"remote"),
+        (True, Opcode.BINARY, b""),
+    ]
     sender.connection_lost(None)
     other.connection_lost(None)
     assert backplane.events == [("opened", "/b"), ("closed", "/b")]
+
+
+def test_a_truncated_packet_delivers_nothing() -> None:
+    relay = Relay()
+    relay.hub.backplane = RecordingBackplane()
+    member, out = relay.join("/t")
+    body = packet_body((Opcode.TEXT, b"first"), (Opcode.TEXT, b"second"))
+    for cut in (len(body) - 1, len(body) - 7, 3):
+        with pytest.raises(ValueError, match="truncated"):
+            relay.hub.deliver_packet("/t", body[:cut], 0)
+    relay.loop.run_turn()
+    assert frames_of(out.take()) == []
+
+
+def test_a_busy_room_is_published_in_packets_of_bounded_size() -> None:
+    relay = Relay(max_message_size=300_000)
+    backplane = relay.hub.backplane = RecordingBackplane()
+    sender, _ = relay.join("/big")
+    payloads = [bytes([i]) * 100_000 for i in range(5)] + [b"z" * 300_000, b"tail"]
+    feed(sender, b"".join(client_frame(Opcode.BINARY, p) for p in payloads))
+    relay.loop.run_turn()
+    (batch,) = backplane.batches
+    # 256 KiB per packet at most, unless one message alone is bigger; in order.
+    assert [count for _, _, count in batch] == [2, 2, 1, 1, 1]
+    assert all(len(body) <= 262_144 or count == 1 for _, body, count in batch)
+    assert b"".join(body for _, body, _ in batch) == packet_body(
+        *((Opcode.BINARY, p) for p in payloads)
+    )
+
+
+def test_a_publish_keeps_its_place_after_a_room_empties() -> None:
+    relay = Relay()
+    backplane = relay.hub.backplane = RecordingBackplane()
+    sender, _ = relay.join("/gone")
+    feed(sender, client_frame(Opcode.TEXT, b"last words"))
+    sender.connection_lost(None)  # the room empties within the turn
+    assert relay.hub.publish("/gone", True, b"after") == 0
+    relay.loop.run_turn()
+    assert backplane.batches == [
+        [
+            ("/gone", packet_body((Opcode.TEXT, b"last words")), 1),
+            ("/gone", packet_body((Opcode.TEXT, b"after")), 1),
+        ]
+    ]
 
 
 def test_a_lone_member_without_echo_still_reaches_other_processes() -> None:
@@ -627,7 +686,7 @@ def test_a_lone_member_without_echo_still_reaches_other_processes() -> None:
     feed(sender, client_frame(Opcode.TEXT, b"anyone?"))
     relay.loop.run_turn()
     assert sender_out.writes == []
-    assert backplane.batches == [[("/solo", Opcode.TEXT, b"anyone?")]]
+    assert backplane.batches == [[("/solo", packet_body((Opcode.TEXT, b"anyone?")), 1)]]
 
 
 # -- text validated as it arrives ---------------------------------------------------

@@ -49,6 +49,9 @@ if TYPE_CHECKING:
 PACKET_VERSION = 1
 ORIGIN_SIZE = 8
 _HEAD = struct.Struct(">B8s")
+# Bodies of several turns are merged up to this size (the hub's own limit
+# for one turn's body, see PACKET_TARGET in _frames.pyx).
+PACKET_TARGET = 256 * 1024
 
 RECONNECT_MIN_DELAY = 0.1
 # An idle publishing connection is checked this often, so a Redis that
@@ -59,6 +62,9 @@ CONNECT_TIMEOUT = 5.0
 # deemed lost.
 COMMAND_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 2.0
+# At start, clients wait at most this long for the first session (Redis
+# accepting but never answering must not keep the relay closed).
+FIRST_WAIT = CONNECT_TIMEOUT
 
 
 class RedisBackplane:
@@ -85,6 +91,7 @@ class RedisBackplane:
         self.wake_writer = asyncio.Event()
         self.rooms_changed = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+        self.first_done = asyncio.Event()  # the first session is up, or failed
         # Counters read at scrape time.
         self.published = 0  # messages handed to Redis
         self.received = 0  # messages from other processes
@@ -139,6 +146,14 @@ class RedisBackplane:
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self.run())
 
+    async def first_attempt(self) -> None:
+        """Until the first session is up or has failed (bounded by the
+        connect and command timeouts; waited for at most FIRST_WAIT)."""
+        try:
+            await asyncio.wait_for(self.first_done.wait(), FIRST_WAIT)
+        except asyncio.TimeoutError:
+            pass
+
     async def close(self) -> None:
         if self.task is not None:
             self.task.cancel()
@@ -175,7 +190,10 @@ class RedisBackplane:
             client = self.client()
             pubsub = client.pubsub()
             try:
-                await self.open_session(client, pubsub)
+                try:
+                    await self.open_session(client, pubsub)
+                finally:
+                    self.first_done.set()
                 if ever_connected:
                     self.reconnects += 1
                     self.log.info(
@@ -291,11 +309,26 @@ class RedisBackplane:
                 self.published += messages
 
     async def publish(self, client: redis.Redis, batch: list[tuple[str, bytes, int]]) -> None:
-        """One pipeline; a room's packets keep their order (one connection)."""
+        """One pipeline. The turns that queued while the previous pipeline
+        was in flight are merged: a room's bodies of several turns, in
+        order, travel as one packet (up to PACKET_TARGET), so each process
+        parses one Redis message per room per round trip, not per turn."""
+        bodies: dict[str, list[bytes]] = {}
+        for room, body, _ in batch:
+            bodies.setdefault(room, []).append(body)
         pipe = client.pipeline(transaction=False)
         head = self.head
-        for room, body, _ in batch:
-            pipe.publish(self.channel(room), head + body)
+        for room, parts in bodies.items():
+            channel = self.channel(room)
+            packet = [head]
+            size = 0
+            for body in parts:
+                if size and size + len(body) > PACKET_TARGET:
+                    pipe.publish(channel, b"".join(packet))
+                    packet, size = [head], 0
+                packet.append(body)
+                size += len(body)
+            pipe.publish(channel, b"".join(packet))
         await pipe.execute()
 
     async def read_loop(self, pubsub: PubSub) -> None:

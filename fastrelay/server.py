@@ -114,13 +114,20 @@ class Relay:
             reuse_address=True,
             reuse_port=self.reuse_port or None,
             backlog=4096,
+            # Bound, not accepting yet: with a backplane, the first attempt
+            # to reach Redis comes first (below).
+            start_serving=False,
         )
         self.port = self.server.sockets[0].getsockname()[1]
         if self.backplane is not None:
-            # Connects in the background (once listening, so that a relay
-            # that cannot listen has nothing to stop): local rooms work
-            # whether or not Redis is there yet.
+            # Started once bound (a relay that cannot listen has nothing to
+            # stop). Clients are taken once the first session is up or has
+            # failed: a client admitted before would have its first messages
+            # dropped for the other processes. Without Redis local rooms work
+            # as they do alone, and the backplane keeps retrying.
             self.backplane.start()
+            await self.backplane.first_attempt()
+        await self.server.start_serving()
         shortest = min(
             timeouts.handshake, timeouts.close, timeouts.ping_timeout, timeouts.slow_client
         )

@@ -332,3 +332,22 @@ def test_a_new_room_hears_other_processes_from_its_first_101_on(hosts, redis_ser
             await one_room(f"/fresh-{n}")
 
     run(main())
+
+
+def test_a_client_admitted_at_start_reaches_other_processes(relay_factory, redis_server):
+    """A relay takes clients only once its first Redis session is up (or has
+    failed): the first message of a client that connects the moment the
+    relay says it is listening reaches the members on other processes."""
+    room = "/first-moments"
+    config = backplane(redis_server)
+    elsewhere = relay_factory(config, name="elsewhere")
+
+    async def main():
+        async with connect(elsewhere.ws(room)) as listener:
+            starting = relay_factory(config, name="starting")  # returns once it listens
+            async with connect(starting.ws(room)) as early:
+                await early.send("at once")
+                await early.send("end")
+                await expect_exactly(listener, ["at once"], "end")
+
+    run(main())

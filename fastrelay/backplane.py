@@ -11,9 +11,19 @@ and handed whole to `Hub.deliver_packet`, which encodes each message once
 into the turn's arena like a local one.
 
 Each room has its own channel (prefix + room, UTF-8), subscribed while the
-room has local members. A packet starts with the publishing process's
-random id, so a process drops its own packets when Redis sends them back.
-One connection publishes, in order, so a sender's messages keep their order.
+room has local members. A packet starts with its kind and the publishing
+process's random id, so a process drops its own packets when Redis sends
+them back. One connection publishes, in order, so a sender's messages keep
+their order.
+
+A room whose members are all on this process costs Redis nothing: when a
+PUBLISH reaches no other subscriber (its reply is 1, ourselves), the room's
+messages stay local until another process says hello. A process says hello
+on a room's channel once its subscription is confirmed; every process that
+hears it publishes that room's messages from then on and acknowledges. The
+new process's members are told they joined (their 101) only once every
+other subscriber has acknowledged (or ACK_WAIT passed): no message sent
+after a member joined is kept from it.
 
 When Redis is unreachable local delivery goes on; the messages meant for
 other processes are dropped and counted, and a session is retried with
@@ -42,13 +52,21 @@ from .config import BackplaneConfig, redact_url
 if TYPE_CHECKING:
     from ._frames import Hub
 
-# A packet: version and the publishing process's id, then the body the hub
-# built: per message its opcode, 4-byte big-endian payload length and
-# payload (the hub seals a body at 256 KiB, so one busy room cannot make a
-# single huge Redis message).
-PACKET_VERSION = 1
+# A packet: its kind and the publishing process's id, then for DATA the
+# body the hub built: per message its opcode, 4-byte big-endian payload
+# length and payload (the hub seals a body at 256 KiB, so one busy room
+# cannot make a single huge Redis message).
+DATA = 1
+HELLO = 2  # then a nonce: "I have subscribed this room; do you publish it?"
+ACK = 3  # then the hello's origin and nonce: "I do, from now on."
+PACKET_VERSION = DATA
 ORIGIN_SIZE = 8
 _HEAD = struct.Struct(">B8s")
+_HELLO = struct.Struct(">B8s8s")
+_ACK = struct.Struct(">B8s8s8s")
+# A new room's members wait at most this long for the acknowledgements (a
+# subscriber that is not fastrelay, e.g. redis-cli, never sends one).
+ACK_WAIT = 1.0
 # Bodies of several turns are merged up to this size (the hub's own limit
 # for one turn's body, see PACKET_TARGET in _frames.pyx).
 PACKET_TARGET = 256 * 1024
@@ -67,6 +85,21 @@ CLOSE_TIMEOUT = 2.0
 FIRST_WAIT = CONNECT_TIMEOUT
 
 
+class RoomLink:
+    """What this process knows of the other processes in a room whose
+    channel it has subscribed."""
+
+    __slots__ = ("others", "epoch", "nonce", "acks_due", "acks", "timer")
+
+    def __init__(self) -> None:
+        self.others = True  # publish its messages; False: nobody else listened
+        self.epoch = 0  # hellos heard: a PUBLISH reply from before one is stale
+        self.nonce = b""  # our hello, while it waits for acknowledgements
+        self.acks_due = -1  # other subscribers when it was published; -1: not known yet
+        self.acks = 0  # acknowledgements heard (they may come before that number)
+        self.timer: asyncio.TimerHandle | None = None
+
+
 class RedisBackplane:
     """What the hub calls (`send_batch`, `room_opened`, `room_closed`:
     never blocking, never raising) and the tasks that talk to Redis.
@@ -82,8 +115,11 @@ class RedisBackplane:
         self.prefix = settings.channel_prefix.encode("utf-8")
         self.origin = os.urandom(ORIGIN_SIZE)
         self.connected = False
-        # The queue to Redis: (room, packet body, messages) in the hub's order.
+        # The queue to Redis: (room, packet body, messages) in the hub's order,
+        # and hellos and acknowledgements: (room, packet, nonce of a hello).
         self.queue: list[tuple[str, bytes, int]] = []
+        self.control: list[tuple[str, bytes, bytes]] = []
+        self.links: dict[str, RoomLink] = {}  # rooms whose subscription is confirmed
         self.head = _HEAD.pack(PACKET_VERSION, self.origin)
         self.queued_bytes = 0  # queued plus being published
         self.subscribed: set[bytes] = set()
@@ -107,7 +143,11 @@ class RedisBackplane:
             self.dropped += sum(packet[2] for packet in batch)
             return
         limit = self.settings.max_queue_bytes
+        links = self.links
         for packet in batch:
+            link = links.get(packet[0])
+            if link is not None and not link.others:
+                continue  # no other process has this room
             size = len(packet[1])
             if self.queued_bytes + size > limit:
                 self.dropped += packet[2]  # local members have them already
@@ -239,10 +279,15 @@ class RedisBackplane:
         # No confirmation will come: rooms waiting for one go on locally.
         self.hub.release_pending_rooms()
         # What is still queued will not reach the other processes.
-        self.dropped += len(self.queue)
+        self.dropped += sum(count for _, _, count in self.queue)
         self.queue = []
+        self.control = []
         self.queued_bytes = 0
         self.subscribed = set()
+        for link in self.links.values():
+            if link.timer is not None:
+                link.timer.cancel()
+        self.links = {}
 
     async def serve_session(self, client: redis.Redis, pubsub: PubSub) -> None:
         """Run the three loops of a session; the first to fail ends them all."""
@@ -295,12 +340,13 @@ class RedisBackplane:
             self.wake_writer.clear()
             # Whatever queued while the previous pipeline was in flight goes
             # in this one.
-            while self.queue:
+            while self.queue or self.control:
                 batch, self.queue = self.queue, []
+                control, self.control = self.control, []
                 size = sum(len(body) for _, body, _ in batch)
                 messages = sum(count for _, _, count in batch)
                 try:
-                    await self.publish(client, batch)
+                    await self.publish(client, control, batch)
                 except BaseException:
                     self.dropped += messages  # maybe published, maybe not
                     raise
@@ -308,28 +354,107 @@ class RedisBackplane:
                     self.queued_bytes -= size
                 self.published += messages
 
-    async def publish(self, client: redis.Redis, batch: list[tuple[str, bytes, int]]) -> None:
+    async def publish(
+        self,
+        client: redis.Redis,
+        control: list[tuple[str, bytes, bytes]],
+        batch: list[tuple[str, bytes, int]],
+    ) -> None:
         """One pipeline. The turns that queued while the previous pipeline
         was in flight are merged: a room's bodies of several turns, in
         order, travel as one packet (up to PACKET_TARGET), so each process
-        parses one Redis message per room per round trip, not per turn."""
+        parses one Redis message per room per round trip, not per turn.
+        PUBLISH answers how many subscribers got each packet: the hellos'
+        answers say how many acknowledgements to wait for, the data's
+        whether anyone else still listens."""
+        pipe = client.pipeline(transaction=False)
+        sent: list[tuple[str, bytes, int]] = []  # (room, hello nonce or b"", epoch)
+        for room, signal, nonce in control:
+            pipe.publish(self.channel(room), signal)
+            sent.append((room, nonce, 0))
         bodies: dict[str, list[bytes]] = {}
         for room, body, _ in batch:
             bodies.setdefault(room, []).append(body)
-        pipe = client.pipeline(transaction=False)
         head = self.head
         for room, parts in bodies.items():
             channel = self.channel(room)
+            link = self.links.get(room)
+            epoch = -1 if link is None else link.epoch
             packet = [head]
             size = 0
             for body in parts:
                 if size and size + len(body) > PACKET_TARGET:
                     pipe.publish(channel, b"".join(packet))
+                    sent.append((room, b"", epoch))
                     packet, size = [head], 0
                 packet.append(body)
                 size += len(body)
             pipe.publish(channel, b"".join(packet))
-        await pipe.execute()
+            sent.append((room, b"", epoch))
+        replies = await pipe.execute()
+        for (room, nonce, epoch), receivers in zip(sent, replies, strict=True):
+            link = self.links.get(room)
+            if link is None:
+                continue
+            if nonce:
+                if link.nonce == nonce:
+                    self.await_acks(room, link, int(receivers) - 1)
+            elif epoch == link.epoch and int(receivers) <= 1:
+                # Only we got it, and no hello came since it was sent: the
+                # room's messages stay here until one does.
+                link.others = False
+
+    def say_hello(self, room: str) -> None:
+        """Our subscription to the room is confirmed: ask the others to
+        publish its messages (its members wait for their answers)."""
+        link = self.links.get(room)
+        if link is None:
+            link = self.links[room] = RoomLink()
+        link.nonce = os.urandom(8)
+        link.acks_due = -1
+        link.acks = 0
+        self.control.append((room, _HELLO.pack(HELLO, self.origin, link.nonce), link.nonce))
+        self.wake_writer.set()
+
+    def await_acks(self, room: str, link: RoomLink, due: int) -> None:
+        link.acks_due = due
+        if link.acks >= due:
+            self.joined(room, link)
+        else:
+            link.timer = asyncio.get_running_loop().call_later(
+                ACK_WAIT, self.ack_wait_over, room, link.nonce
+            )
+
+    def ack_wait_over(self, room: str, nonce: bytes) -> None:
+        link = self.links.get(room)
+        if link is not None and link.nonce == nonce:
+            self.joined(room, link)
+
+    def joined(self, room: str, link: RoomLink) -> None:
+        """Every other process publishes the room's messages: its new
+        members may be told they joined (their 101 was held until now)."""
+        if link.timer is not None:
+            link.timer.cancel()
+            link.timer = None
+        link.nonce = b""
+        self.hub.room_ready(room)
+
+    def heard_hello(self, room: str, origin: bytes, nonce: bytes) -> None:
+        link = self.links.get(room)
+        if link is not None:
+            link.others = True
+            link.epoch += 1
+        self.control.append((room, _ACK.pack(ACK, self.origin, origin, nonce), b""))
+        self.wake_writer.set()
+
+    def heard_ack(self, room: str, data: bytes) -> None:
+        _, _, to, nonce = _ACK.unpack(data)
+        link = self.links.get(room)
+        if to != self.origin or link is None or not link.nonce or link.nonce != nonce:
+            return
+        link.acks += 1
+        if link.acks == link.acks_due:
+            self.joined(room, link)
 
     async def read_loop(self, pubsub: PubSub) -> None:
         hub = self.hub
@@ -338,22 +463,35 @@ class RedisBackplane:
             message = await pubsub.get_message(timeout=None)
             if message is None:
                 continue
-            if message["type"] == "subscribe":
+            kind = message["type"]
+            if kind == "subscribe":
                 # Redis confirmed the channel: from now on every message to
-                # it reaches us, so the room's new members may be told they
-                # joined (their 101 was held until now).
-                hub.room_ready(message["channel"][prefix_len:].decode("utf-8", "replace"))
+                # it reaches us. Now ask the others to publish the room.
+                self.say_hello(message["channel"][prefix_len:].decode("utf-8", "replace"))
                 continue
-            if message["type"] != "message":
+            if kind == "unsubscribe":
+                link = self.links.pop(
+                    message["channel"][prefix_len:].decode("utf-8", "replace"), None
+                )
+                if link is not None and link.timer is not None:
+                    link.timer.cancel()
+                continue
+            if kind != "message":
                 continue
             data = message["data"]
             if data[1 : 1 + ORIGIN_SIZE] == self.origin:
                 continue  # ours, back from Redis: local members have it
             try:
-                if len(data) < _HEAD.size or data[0] != PACKET_VERSION:
-                    raise ValueError("not a version %d packet" % PACKET_VERSION)
                 room = message["channel"][prefix_len:].decode("utf-8")
-                self.received += hub.deliver_packet(room, data, _HEAD.size)
+                if data[:1] == b"\x01" and len(data) >= _HEAD.size:
+                    self.received += hub.deliver_packet(room, data, _HEAD.size)
+                elif data[:1] == b"\x02" and len(data) == _HELLO.size:
+                    _, origin, nonce = _HELLO.unpack(data)
+                    self.heard_hello(room, origin, nonce)
+                elif data[:1] == b"\x03" and len(data) == _ACK.size:
+                    self.heard_ack(room, data)
+                else:
+                    raise ValueError("not a fastrelay packet")
             except ValueError as e:  # UnicodeDecodeError is one
                 self.foreign_message(message["channel"], e)
 

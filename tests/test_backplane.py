@@ -12,6 +12,7 @@ from urllib.parse import unquote_to_bytes
 import pytest
 from redis_server import RedisServer
 from scaleout import (
+    STEP,
     backplane,
     channel,
     connect,
@@ -351,3 +352,70 @@ def test_a_client_admitted_at_start_reaches_other_processes(relay_factory, redis
                 await expect_exactly(listener, ["at once"], "end")
 
     run(main())
+
+
+def test_a_room_on_one_process_stays_off_redis_until_another_process_joins(
+    relay_factory, redis_server
+):
+    """A PUBLISH that no other process hears (reply 1: ourselves) stops the
+    room's publishing; a second process's hello starts it again before that
+    process's members are told they joined."""
+    room = "/one-place"
+    config = merged(METRICS_ON, backplane(redis_server))
+    first, second = relay_factory(config, name="first"), relay_factory(config, name="second")
+    published = "websocket_backplane_published_total"
+
+    async def main():
+        async with connect(first.ws(room)) as alone:
+            await alone.send("heard by nobody else")
+            assert await recv(alone) == "heard by nobody else"
+            # Its PUBLISH went out and its reply came back: one subscriber.
+            await asyncio.to_thread(
+                wait_until, lambda: metric(first, published) == 1, "the first publish"
+            )
+            for i in range(20):
+                await alone.send(f"local {i}")
+            for i in range(20):
+                assert await recv(alone) == f"local {i}"
+            # Delivered locally (so the hub's turn and its batch are over),
+            # and none of the twenty went to Redis.
+            assert metric(first, published) == 1
+            async with connect(second.ws(room)) as newcomer:
+                # Joined (its 101) only once the first process answered the
+                # hello: what is sent from now on reaches it.
+                await alone.send("now shared")
+                await alone.send("end")
+                await expect_exactly(newcomer, ["now shared"], "end")
+            assert metric(first, published) == 3
+
+    run(main())
+
+
+def test_a_subscriber_that_never_acknowledges_delays_a_join_boundedly(relay_factory, redis_server):
+    """Something else subscribed to a room's channel (redis-cli, a monitor)
+    counts as a listener but never acknowledges a hello: members still join,
+    after ACK_WAIT, and messages still flow."""
+    room = "/watched"
+    config = backplane(redis_server)
+    relay = relay_factory(config, name="watched")
+    watcher = redis_server.client().pubsub()
+    watcher.subscribe(channel(room))
+    try:
+        assert watcher.get_message(timeout=STEP)["type"] == "subscribe"
+
+        async def main():
+            async with connect(relay.ws(room)) as member:
+                await member.send("hello")
+                assert await recv(member) == "hello"
+
+        run(main())
+        # The watcher saw our hello (kind 2) and the message's packet (kind 1).
+        kinds = []
+        while len(kinds) < 2:
+            message = watcher.get_message(timeout=STEP)
+            assert message is not None
+            if message["type"] == "message":
+                kinds.append(message["data"][0])
+        assert kinds == [2, 1]
+    finally:
+        watcher.close()

@@ -20,7 +20,8 @@ them; the backplane joins their rooms. The supervisor serves no clients. It
   own members and publishes it once to the backplane, which brings it to
   the other workers and hosts; room counts are summed over the workers. A
   worker that is restarting, or does not answer within API_TIMEOUT, is
-  left out of the counts; with none left the API answers 503.
+  left out of the counts and offered no message until it answers again;
+  with none left the API answers 503.
 
 Workers run in their own session: a terminal's Ctrl-C reaches the
 supervisor only, which then stops them in order.
@@ -422,19 +423,20 @@ class WorkerRooms:
             raise Unavailable(503, "no worker is running (they are restarting); try again")
         return live
 
-    def publishers(self, room: str) -> list[WorkerSlot]:
-        """The live workers in the order they are offered the room's
-        messages: the same first one while it runs and answers, so that
-        messages published one after the other reach every member in that
-        order; silent ones last (they may answer again)."""
+    async def publishers(self, room: str) -> list[WorkerSlot]:
+        """The workers that may take the room's message, in the order they
+        are offered it: the same first one while it runs and answers, so
+        that messages published one after the other reach every member in
+        that order. A worker that went silent is offered nothing until it
+        answers again: when all are silent they are asked once more."""
         slots = self.supervisor.slots
         start = zlib.crc32(room.encode()) % len(slots)
         ordered = [slot for slot in slots[start:] + slots[:start] if slot.control is not None]
         if not ordered:
             self.live()  # raises Unavailable
-        return [slot for slot in ordered if not slot.silent] + [
-            slot for slot in ordered if slot.silent
-        ]
+        if all(slot.silent for slot in ordered):
+            await self.each("members", room)  # an answer clears `silent`; none: 503
+        return [slot for slot in ordered if not slot.silent]
 
     async def each(self, kind: str, *arguments: Any) -> list[Any]:
         """The answers of the live workers that answer in time (at least one)."""
@@ -455,7 +457,7 @@ class WorkerRooms:
         """Hands the message to one worker; it delivers it to its members and
         publishes it once to the backplane, which carries it to the other
         workers. Returns the room's members on this host (all workers)."""
-        candidates = self.publishers(room)
+        candidates = await self.publishers(room)
         counting = {
             slot.index: asyncio.ensure_future(self._answer(slot, "members", room))
             for slot in candidates[1:]

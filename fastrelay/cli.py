@@ -21,6 +21,7 @@ import socket
 import ssl
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import uvloop
 
@@ -38,7 +39,7 @@ from .control import ControlChannel
 from .keys import SecretError
 from .logs import LogSink, setup_logging
 from .metrics import start_metrics_server, url_host
-from .publish_api import PublishApi
+from .publish_api import LocalRooms, PublishApi
 from .server import Relay
 from .tls import TLSFileError
 
@@ -269,7 +270,7 @@ async def serve(
     api = None
     if cfg.api.enabled and control is None:
         try:
-            api = PublishApi(api_key(cfg.api), relay, cfg.relay.max_message_size)
+            api = PublishApi(api_key(cfg.api), LocalRooms(relay), cfg.relay.max_message_size)
         except SecretError as e:
             raise StartupError(f"api.{e.option}: {e.problem}") from None
     try:
@@ -333,17 +334,30 @@ async def serve(
 async def _answer_supervisor(
     control: ControlChannel, relay: Relay, stop: asyncio.Event, log: logging.Logger
 ) -> None:
-    """A worker's side of the control channel: counters on request; the
-    channel's end means the supervisor is gone, and so the worker goes."""
+    """A worker's side of the control channel: counters and the publish
+    API's questions on request (control.py); the channel's end means the
+    supervisor is gone, and so the worker goes."""
     try:
         while True:
-            request = await control.receive()
-            if request[0] == "snapshot":
-                control.send("snapshot", relay.snapshot())
+            kind, number, *arguments = await control.receive()
+            control.send(kind, number, _answer(relay, kind, arguments))
     except (asyncio.IncompleteReadError, ConnectionError):
         if not stop.is_set():
             log.warning("supervisor gone: shutting down")
             stop.set()
+
+
+def _answer(relay: Relay, kind: str, arguments: list[Any]) -> Any:
+    if kind == "snapshot":
+        return relay.snapshot()
+    if kind == "publish":
+        room, text, payload = arguments
+        return relay.publish(room, text, payload)
+    if kind == "members":
+        return relay.members(arguments[0])
+    if kind == "rooms":
+        return relay.room_sizes()
+    raise ValueError(f"unknown control request {kind!r}")
 
 
 def _exit_now(sink: LogSink, code: int) -> None:

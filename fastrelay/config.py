@@ -505,7 +505,8 @@ class ApiConfig:
         False,
         OptionMeta(
             "Serve the publish API on the metrics listener: `POST /publish/<room>`, "
-            "`GET /rooms`, `GET /rooms/<room>`, with `Authorization: Bearer <key>`."
+            "`GET /rooms`, `GET /rooms/<room>`, with `Authorization: Bearer <key>`. With "
+            "`server.workers` above 1 it covers every worker of the host."
         ),
     )
     key: str = _option(
@@ -875,12 +876,6 @@ class _Loader:
                 "server.workers",
                 f"{workers} workers without backplane.url: rooms would be split across "
                 "workers (members on different workers would not see each other's messages)",
-            )
-        if workers > 1 and cfg.api.enabled:
-            raise self.error(
-                "api.enabled",
-                f"the publish API is not served with {workers} workers yet (it runs in one "
-                "relay process); use server.workers: 1",
             )
         if not backplane.url:
             return

@@ -10,6 +10,16 @@ the same percent-decoding (`/publish/team%2Fa` and `/publish/team/a` both
 name `/team/a`). Every request needs `Authorization: Bearer <api key>`,
 compared in constant time. A `text/*` or JSON body goes out as a text frame
 and must be UTF-8; any other body as a binary frame.
+
+The API asks an `AsyncRooms` for the rooms. In one relay process that is
+`LocalRooms` over the relay itself: "delivered" is how many members of the
+room on this process got the message (the backplane, if any, carries it to
+other processes and hosts). With `server.workers` above 1 it is the
+supervisor (supervisor.py), which hands the message to one worker and sums
+the workers' counts: "delivered" and "members" then count the room's
+members connected to this host, over all its workers. When no worker can
+answer the API says 503 (or 504 when a worker took a message and did not
+confirm it in time), as an `Unavailable` raised by the rooms.
 """
 
 from __future__ import annotations
@@ -36,13 +46,49 @@ _CHALLENGE = (("WWW-Authenticate", 'Bearer realm="fastrelay-api"'),)
 
 
 class Rooms(Protocol):
-    """What the API needs of the relay."""
+    """The rooms of one relay process, answered at once (server.Relay)."""
 
     def publish(self, room: str, text: bool, payload: bytes) -> int: ...
 
     def room_sizes(self) -> Mapping[str, int]: ...
 
     def members(self, room: str) -> int: ...
+
+
+class AsyncRooms(Protocol):
+    """What the API needs: the same questions, possibly asked of other
+    processes. Each may raise Unavailable."""
+
+    async def publish(self, room: str, text: bool, payload: bytes) -> int: ...
+
+    async def room_sizes(self) -> Mapping[str, int]: ...
+
+    async def members(self, room: str) -> int: ...
+
+
+class Unavailable(Exception):
+    """The rooms cannot answer now: the API answers `status` with `message`."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class LocalRooms:
+    """AsyncRooms over the rooms of this process."""
+
+    def __init__(self, rooms: Rooms) -> None:
+        self._rooms = rooms
+
+    async def publish(self, room: str, text: bool, payload: bytes) -> int:
+        return self._rooms.publish(room, text, payload)
+
+    async def room_sizes(self) -> Mapping[str, int]:
+        return self._rooms.room_sizes()
+
+    async def members(self, room: str) -> int:
+        return self._rooms.members(room)
 
 
 def _json(status: int, value: object, headers: tuple[tuple[str, str], ...] = ()) -> Response:
@@ -84,7 +130,7 @@ def _frame_kind(content_type: str | None) -> bool | str:
 
 
 class PublishApi:
-    def __init__(self, key: bytes, rooms: Rooms, max_message_size: int) -> None:
+    def __init__(self, key: bytes, rooms: AsyncRooms, max_message_size: int) -> None:
         # Digests of equal length: compare_digest then takes the same time
         # whatever the length of the key presented.
         self._key_digest = _digest(key)
@@ -101,6 +147,12 @@ class PublishApi:
         return hmac.compare_digest(_digest(presented), self._key_digest)
 
     async def respond(self, request: Request, read_body: BodyReader) -> Response:
+        try:
+            return await self._respond(request, read_body)
+        except Unavailable as e:
+            return _error(e.status, e.message)
+
+    async def _respond(self, request: Request, read_body: BodyReader) -> Response:
         if not self._authorized(request):
             return _error(401, "a valid API key is required", _CHALLENGE)
         if request.path.startswith(PUBLISH):
@@ -110,8 +162,8 @@ class PublishApi:
         if request.method not in ("GET", "HEAD"):
             return _error(405, "use GET", (("Allow", "GET, HEAD"),))
         if request.path == ROOMS:
-            return self._list(request)
-        return self._one(request.path[len(ROOMS) + 1 :])
+            return await self._list(request)
+        return await self._one(request.path[len(ROOMS) + 1 :])
 
     async def _publish(self, request: Request, read_body: BodyReader) -> Response:
         room = _room_of(request.path[len(PUBLISH) :])
@@ -137,12 +189,12 @@ class PublishApi:
                 payload.decode("utf-8")
             except UnicodeDecodeError:
                 return _error(400, "a text body must be valid UTF-8")
-        delivered = self._rooms.publish(room, kind, payload)
+        delivered = await self._rooms.publish(room, kind, payload)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("published %d bytes to room %s: %d members", length, room, delivered)
         return _json(200, {"room": room, "delivered": delivered})
 
-    def _list(self, request: Request) -> Response:
+    async def _list(self, request: Request) -> Response:
         query = parse_qs(request.query)
         limit_values = query.get("limit", [str(PAGE_SIZE)])
         limit_text = limit_values[-1]
@@ -152,7 +204,7 @@ class PublishApi:
             return _error(400, f"limit must be an integer from 1 to {MAX_PAGE_SIZE}")
         limit = int(limit_text)
         after = query.get("after", [""])[-1]
-        sizes = self._rooms.room_sizes()
+        sizes = await self._rooms.room_sizes()
         names = sorted(name for name in sizes if name > after)
         page = names[:limit]
         return _json(
@@ -165,11 +217,11 @@ class PublishApi:
             },
         )
 
-    def _one(self, encoded: str) -> Response:
+    async def _one(self, encoded: str) -> Response:
         room = _room_of(encoded)
         if room is None:
             return _error(400, "the room is not UTF-8 after percent-decoding")
-        members = self._rooms.members(room)
+        members = await self._rooms.members(room)
         if not members:
             return _error(404, "no such room")
         return _json(200, {"room": room, "members": members})

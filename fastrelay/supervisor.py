@@ -14,7 +14,14 @@ them; the backplane joins their rooms. The supervisor serves no clients. It
 - serves the host's one metrics endpoint: at each scrape it asks every
   worker for its counters over the worker's control channel (control.py)
   and exports the sums under the same names. Counters of workers that
-  exited are kept, so totals never go backwards.
+  exited are kept, so totals never go backwards;
+- serves the publish API there too (`api.enabled`, WorkerRooms): a
+  published message goes to exactly one worker, which delivers it to its
+  own members and publishes it once to the backplane, which brings it to
+  the other workers and hosts; room counts are summed over the workers. A
+  worker that is restarting, or does not answer within API_TIMEOUT, is
+  left out of the counts and offered no message until it answers again;
+  with none left the API answers 503.
 
 Workers run in their own session: a terminal's Ctrl-C reaches the
 supervisor only, which then stops them in order.
@@ -28,22 +35,26 @@ import signal
 import socket
 import subprocess
 import sys
+import zlib
 from typing import Any
 
 import uvloop
 
 from ._version import __version__
 from .cli import EXIT_INTERRUPTED, EXIT_OK, StartupError, _listen_error
-from .config import Config
+from .config import Config, api_key
 from .control import ControlChannel
+from .keys import SecretError
 from .logs import LogSink
 from .metrics import METRICS, MetricsServer, start_metrics_server, url_host
+from .publish_api import PublishApi, Unavailable
 
 RESTART_MIN_DELAY = 0.5
 RESTART_MAX_DELAY = 30.0
 STABLE_AFTER = 10.0  # a worker that ran this long starts its backoff afresh
 START_TIMEOUT = 30.0  # a worker's start -> it listens
 SNAPSHOT_TIMEOUT = 5.0
+API_TIMEOUT = 2.0  # a worker's answer to a publish API request
 KILL_AFTER = 5.0  # second signal: workers exit at once, or are killed after this
 EXIT_WORKER_FAILED = 1  # a worker did not shut down cleanly
 
@@ -82,7 +93,19 @@ class WorkerSlot:
     crashes: int = 0  # consecutive quick exits, for the backoff
     snapshot: dict[str, Any] | None = None  # its counters at the last scrape
     asking: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+    requests: int = 0  # numbers its requests, to tell a late answer from the awaited one
+    silent: bool = False  # its last request went unanswered in time
     status: int | None = None  # exit status once stopped for good
+
+
+class NoAnswer(Exception):
+    """A worker is not running (restarting), its channel ended, or it did
+    not answer in time; the message says which, `sent` whether the request
+    reached its channel."""
+
+    def __init__(self, message: str, sent: bool) -> None:
+        super().__init__(message)
+        self.sent = sent
 
 
 class Supervisor:
@@ -231,17 +254,50 @@ class Supervisor:
         await asyncio.gather(*(self.ask(slot) for slot in self.slots))
 
     async def ask(self, slot: WorkerSlot) -> None:
+        control = slot.control
+        try:
+            snapshot = await self.request(slot, SNAPSHOT_TIMEOUT, "snapshot")
+        except NoAnswer:
+            return  # exiting or stuck: its last counters stand
+        if control is not None and slot.control is control:
+            slot.snapshot = snapshot
+
+    async def request(self, slot: WorkerSlot, timeout: float, kind: str, *arguments: Any) -> Any:
+        """The worker's answer to one request (control.py); NoAnswer if it
+        has none within `timeout`. One request at a time per worker."""
         async with slot.asking:
             control = slot.control
             if control is None:
-                return
+                raise NoAnswer(f"worker {slot.index} is restarting", sent=False)
+            slot.requests += 1
+            number = slot.requests
             try:
-                control.send("snapshot")
-                reply = await asyncio.wait_for(control.receive(), SNAPSHOT_TIMEOUT)
-            except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
-                return  # exiting or stuck: its last counters stand
-            if slot.control is control:
-                slot.snapshot = reply[1]
+                control.send(kind, number, *arguments)
+                answer = await asyncio.wait_for(self._answer_to(control, number), timeout)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                raise NoAnswer(f"worker {slot.index} exited", sent=True) from None
+            except asyncio.TimeoutError:
+                if not slot.silent:
+                    self.log.warning(
+                        "worker %d did not answer within %.1fs (%s)", slot.index, timeout, kind
+                    )
+                slot.silent = True
+                raise NoAnswer(
+                    f"worker {slot.index} did not answer within {timeout:g}s", sent=True
+                ) from None
+            if slot.silent:
+                self.log.info("worker %d answers again", slot.index)
+                slot.silent = False
+            return answer
+
+    @staticmethod
+    async def _answer_to(control: ControlChannel, number: int) -> Any:
+        # Skips the late answers to requests given up on; bounded by the
+        # caller's timeout (and by their number: one per earlier request).
+        while True:
+            _, answered, value = await control.receive()
+            if answered == number:
+                return value
 
     def snapshot(self) -> dict[str, Any]:
         total: dict[str, Any] = {m.key: {} if m.label else 0 for m in METRICS if not m.optional}
@@ -277,6 +333,7 @@ class Supervisor:
                 holder.close()
 
     async def serve(self) -> int:
+        api = self.publish_api()
         started = await asyncio.gather(
             *(self.start_worker(slot) for slot in self.slots), return_exceptions=True
         )
@@ -285,13 +342,17 @@ class Supervisor:
             await self.stop_workers()
             raise failures[0]
         keepers = [asyncio.create_task(self.keep_running(slot)) for slot in self.slots]
-        metrics = await self.start_metrics()
+        metrics = await self.start_metrics(api)
         cfg = self.cfg
         scheme = "wss" if cfg.server.tls.enabled else "ws"
         port = self.worker_cfg.server.port
         lines = [f"fastrelay listening on {scheme}://{url_host(cfg.server.host)}:{port}/"]
         if metrics is not None:
             lines.append(f"metrics on {metrics.url}")
+            if api is not None:
+                lines.append(
+                    f"publish API on {metrics.url.removesuffix('/metrics')}/publish/<room>"
+                )
         for line in lines:
             print(line, flush=True)
             self.log.info("%s", line)
@@ -310,13 +371,25 @@ class Supervisor:
         self.log.info("shutdown complete")
         return EXIT_WORKER_FAILED if unclean else EXIT_OK
 
-    async def start_metrics(self) -> MetricsServer | None:
+    def publish_api(self) -> PublishApi | None:
+        """The publish API over the workers, when enabled; its key is read
+        before any worker starts (checked at load time; files can change)."""
+        cfg = self.cfg
+        if not (cfg.api.enabled and cfg.metrics.enabled):
+            return None
+        try:
+            key = api_key(cfg.api)
+        except SecretError as e:
+            raise StartupError(f"api.{e.option}: {e.problem}") from None
+        return PublishApi(key, WorkerRooms(self), cfg.relay.max_message_size)
+
+    async def start_metrics(self, api: PublishApi | None) -> MetricsServer | None:
         m = self.cfg.metrics
         if not m.enabled:
             return None
         try:
             return await start_metrics_server(
-                m.host, m.port, self.snapshot, self.ready, refresh=self.refresh
+                m.host, m.port, self.snapshot, self.ready, api=api, refresh=self.refresh
             )
         except OSError as e:
             self.stopping = True
@@ -335,6 +408,95 @@ class Supervisor:
                 except asyncio.TimeoutError:
                     slot.proc.kill()
                     await slot.proc.wait()
+
+
+class WorkerRooms:
+    """The host's rooms for the publish API (publish_api.AsyncRooms), asked
+    of the workers over their control channels."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+
+    def live(self) -> list[WorkerSlot]:
+        live = [slot for slot in self.supervisor.slots if slot.control is not None]
+        if not live:
+            raise Unavailable(503, "no worker is running (they are restarting); try again")
+        return live
+
+    async def publishers(self, room: str) -> list[WorkerSlot]:
+        """The workers that may take the room's message, in the order they
+        are offered it: the same first one while it runs and answers, so
+        that messages published one after the other reach every member in
+        that order. A worker that went silent is offered nothing until it
+        answers again: when all are silent they are asked once more."""
+        slots = self.supervisor.slots
+        start = zlib.crc32(room.encode()) % len(slots)
+        ordered = [slot for slot in slots[start:] + slots[:start] if slot.control is not None]
+        if not ordered:
+            self.live()  # raises Unavailable
+        if all(slot.silent for slot in ordered):
+            await self.each("members", room)  # an answer clears `silent`; none: 503
+        return [slot for slot in ordered if not slot.silent]
+
+    async def each(self, kind: str, *arguments: Any) -> list[Any]:
+        """The answers of the live workers that answer in time (at least one)."""
+        live = self.live()
+        answers = await asyncio.gather(*(self._answer(slot, kind, *arguments) for slot in live))
+        answered = [answer for answer in answers if answer is not _SILENT]
+        if not answered:
+            raise Unavailable(503, f"no worker answered within {API_TIMEOUT:g}s; try again")
+        return answered
+
+    async def _answer(self, slot: WorkerSlot, kind: str, *arguments: Any) -> Any:
+        try:
+            return await self.supervisor.request(slot, API_TIMEOUT, kind, *arguments)
+        except NoAnswer:
+            return _SILENT
+
+    async def publish(self, room: str, text: bool, payload: bytes) -> int:
+        """Hands the message to one worker; it delivers it to its members and
+        publishes it once to the backplane, which carries it to the other
+        workers. Returns the room's members on this host (all workers)."""
+        candidates = await self.publishers(room)
+        counting = {
+            slot.index: asyncio.ensure_future(self._answer(slot, "members", room))
+            for slot in candidates[1:]
+        }
+        try:
+            for slot in candidates:
+                try:
+                    delivered = await self.supervisor.request(
+                        slot, API_TIMEOUT, "publish", room, text, payload
+                    )
+                    break
+                except NoAnswer as e:
+                    if e.sent:
+                        # Never offered to another worker: it may have been published.
+                        raise Unavailable(
+                            504,
+                            f"{e} after taking the message: it may or may not have been "
+                            "delivered (not sent again, to avoid duplicates)",
+                        ) from None
+            else:
+                raise Unavailable(503, "no worker is running (they are restarting); try again")
+        finally:
+            await asyncio.gather(*counting.values())
+        # A worker that could not take the message was counted as another.
+        others = [task.result() for index, task in counting.items() if index != slot.index]
+        return int(delivered) + sum(int(n) for n in others if n is not _SILENT)
+
+    async def room_sizes(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for sizes in await self.each("rooms"):
+            for room, members in sizes.items():
+                total[room] = total.get(room, 0) + members
+        return total
+
+    async def members(self, room: str) -> int:
+        return sum(await self.each("members", room))
+
+
+_SILENT = object()  # a worker left out of an answer
 
 
 def supervise(cfg: Config, sink: LogSink, config_path: str | None, count: int) -> int:

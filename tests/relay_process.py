@@ -9,10 +9,16 @@ never blocks on a full pipe, and keep them as lines for assertions.
 
 FASTRELAY_CMD (optional) replaces `python -m fastrelay` as the command, e.g.
 to run the tests against another build; it gets `--config-file FILE`.
+
+The relay imports the same fastrelay package as the tests: the directory
+holding it leads PYTHONPATH (the checkout the tests run from, or
+site-packages when testing an installed wheel), since the relay runs in its
+own directory where an editable install elsewhere would otherwise win.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shlex
@@ -52,6 +58,23 @@ def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+def package_root() -> str | None:
+    """The directory holding the fastrelay package the tests import (not
+    resolved: the very same path), or None when there is none."""
+    spec = importlib.util.find_spec("fastrelay")
+    if spec is None or spec.origin is None:
+        return None
+    return os.path.dirname(os.path.dirname(os.path.abspath(spec.origin)))
+
+
+def relay_environment() -> dict[str, str]:
+    env = dict(os.environ)
+    root = package_root()
+    if root is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    return env
 
 
 def default_command() -> list[str]:
@@ -117,6 +140,7 @@ class RelayProcess:
         self.proc = subprocess.Popen(
             [*command, "--config-file", str(config_path)],
             cwd=config_path.parent,  # relative paths in the config (log file, TLS files)
+            env=relay_environment(),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -119,10 +119,22 @@ def test_process_bad_url_exits_2_without_the_password(tmp_path):
     assert "hunter2" not in result.stderr
 
 
-def test_the_publish_api_with_workers_is_refused(tmp_path):
+def test_the_publish_api_with_workers_is_accepted(tmp_path):
+    cfg = load_config(
+        write(
+            tmp_path,
+            "server: {workers: 2}\nbackplane: {url: 'redis://h'}\n"
+            "metrics: {enabled: true}\napi: {enabled: true, key: 0123456789abcdef0123}\n",
+        )
+    )
+    assert worker_count(cfg) == 2
+    assert cfg.api.enabled
+
+
+def test_the_publish_api_with_workers_still_needs_the_metrics_listener(tmp_path):
     message = error_of(
         tmp_path,
         "server: {workers: 2}\nbackplane: {url: 'redis://h'}\n"
-        "metrics: {enabled: true}\napi: {enabled: true, key: 0123456789abcdef0123}\n",
+        "metrics: {enabled: false}\napi: {enabled: true, key: 0123456789abcdef0123}\n",
     )
-    assert "api.enabled: the publish API is not served with 2 workers yet" in message
+    assert "api.enabled: the publish API is served on the metrics listener" in message

@@ -24,6 +24,7 @@ Time-driven work (handshake, close and keepalive deadlines, the rate-limit
 window) is ``Hub.sweep``, which the server calls a few times a second.
 """
 
+cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.ref cimport PyObject, Py_DECREF, Py_INCREF
 from cpython.unicode cimport PyUnicode_DecodeASCII
@@ -561,6 +562,16 @@ cdef class Hub:
             self.arena_cap = ARENA_KEEP
 
 
+# Not tracked by the cyclic GC (no_gc): one per client and long-lived, so
+# every collection of the older generations would walk them all again (a
+# few per cent of the server's CPU in a burst of handshakes), and 16 bytes
+# of GC header each. Nothing is lost: the one cycle through a connection,
+# connection <-> its transport (the transport holds its protocol), is
+# broken in connection_lost, which drops self.transport; until then
+# hub.clients holds the connection anyway (a reference the GC cannot see,
+# so it would never have freed it). hub and room only lead back to
+# connections through C registries, and held is a bytearray.
+@cython.no_gc
 cdef class Connection:
     """One client: the asyncio BufferedProtocol, the frame parser and the
     message rules, and its slices of the arena for this turn. Created by

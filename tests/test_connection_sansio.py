@@ -11,6 +11,7 @@ path is exercised by the end-to-end tests."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import os
 from typing import Any
@@ -369,6 +370,34 @@ def test_rooms_vanish_with_their_last_member() -> None:
     b.connection_lost(None)
     assert relay.hub.rooms == {} and relay.hub.clients_count == 0
     assert relay.hub.counters()["closes"] == {CloseCode.ABNORMAL_CLOSURE: 2}
+
+
+def test_a_closed_connection_is_freed_without_the_cyclic_gc() -> None:
+    """Connection is not GC-tracked, so no cycle may go through it: the one
+    a real transport makes (it holds its protocol) ends in connection_lost,
+    and reference counting alone frees both."""
+    freed: list[str] = []
+
+    class Transport(RecordingTransport):
+        def __del__(self) -> None:
+            freed.append("transport")
+
+    relay = Relay()
+    conn = Connection(relay.hub)
+    transport = Transport()
+    transport.protocol = conn  # type: ignore[attr-defined]
+    conn.connection_made(transport)
+    feed(conn, REQUEST.format(room="/r").encode())
+    relay.loop.run_turn()
+    assert conn.state == State.OPEN and not gc.is_tracked(conn)
+    gc.disable()
+    try:
+        conn.connection_lost(None)
+        del conn, transport
+        assert freed == ["transport"]
+    finally:
+        gc.enable()
+    assert relay.hub.clients_count == 0
 
 
 # -- closing -----------------------------------------------------------------------

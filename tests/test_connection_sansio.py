@@ -14,6 +14,7 @@ import dataclasses
 import gc
 import logging
 import os
+import socket
 from typing import Any
 
 import pytest
@@ -209,6 +210,36 @@ def test_request_a_byte_at_a_time_then_frames_in_the_same_read() -> None:
     assert head.startswith(b"HTTP/1.1 101 ")
     assert frames_of(rest) == [(True, Opcode.TEXT, b"hello")]
     assert list(relay.hub.rooms) == ["/a b"]
+
+
+def test_on_plain_tcp_the_101_goes_to_the_socket_without_waiting_for_the_flush() -> None:
+    """An idle connection never takes part in a flush: its 101 is sent
+    from the read that completed the request, then a message that came
+    in the same read follows through the flush, in order."""
+    ours, theirs = socket.socketpair()
+
+    class Plain(RecordingTransport):
+        def get_extra_info(self, name: str, default: Any = None) -> Any:
+            return ours if name == "socket" else super().get_extra_info(name, default)
+
+    try:
+        theirs.setblocking(False)
+        relay = Relay()
+        idle, idle_transport = Connection(relay.hub), Plain()
+        idle.connection_made(idle_transport)
+        feed(idle, REQUEST.format(room="/p").encode())
+        assert theirs.recv(4096).startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+        assert relay.loop.soon == [] and idle_transport.writes == []
+        chatty = Connection(relay.hub)
+        chatty.connection_made(Plain())
+        feed(chatty, REQUEST.format(room="/p").encode() + client_frame(Opcode.TEXT, b"hi"))
+        assert theirs.recv(4096).startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+        relay.loop.run_turn()
+        # Both members share one socket here: the message, once per member.
+        assert frames_of(theirs.recv(4096)) == [(True, Opcode.TEXT, b"hi")] * 2
+    finally:
+        ours.close()
+        theirs.close()
 
 
 def test_a_refusal_is_written_then_the_connection_closes() -> None:

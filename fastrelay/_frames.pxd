@@ -61,10 +61,12 @@ cdef struct Message:
     uint8_t opcode                 # 0: none in progress
     bint compressed                # its first frame had RSV1 (RFC 7692)
     uint32_t utf8_state            # validator state across fragments
-    # A text frame still arriving: payload bytes unmasked and validated so
-    # far, and the validator state after them.
-    size_t checked
+    # A text frame still arriving: the validator state after the payload
+    # bytes unmasked and validated so far, and how many those are (the
+    # 4-byte fields together: 48 bytes, not 56, so that a Connection fits
+    # pymalloc's 320-byte class).
     uint32_t checked_state
+    size_t checked
     char *data
     size_t len
     size_t cap
@@ -269,7 +271,9 @@ cdef class Connection:
     cdef int open(self, object accept) except -1
     cdef int open_fast(self, FastRequest *req, bint read_only, double expires_at) except -1
     cdef int grant_fast(self, FastRequest *req) except -1
-    cdef int join(self, str room_name, Py_ssize_t consumed) except -1
+    cdef int join(self, str room_name, Py_ssize_t consumed, const char *response,
+                  size_t n) except -1
+    cdef int send_upgrade(self, const char *response, size_t n) except -1
     cdef int respond_and_close(self, bytes response) except -1
     cdef size_t parse(self, char *data, size_t total) except? 0
     cdef int relay_compressed(self, const char *payload, size_t n) except -1

@@ -24,6 +24,7 @@ Time-driven work (handshake, close and keepalive deadlines, the rate-limit
 window) is ``Hub.sweep``, which the server calls a few times a second.
 """
 
+cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.ref cimport PyObject, Py_DECREF, Py_INCREF
 from cpython.unicode cimport PyUnicode_DecodeASCII
@@ -63,6 +64,7 @@ cdef extern from "<sys/socket.h>" nogil:
         size_t msg_controllen
         int msg_flags
     ssize_t sendmsg(int fd, const msghdr *msg, int flags)
+    ssize_t send(int fd, const void *buf, size_t n, int flags)
     struct linger:
         int l_onoff
         int l_linger
@@ -660,6 +662,16 @@ cdef class Hub:
             self.arena_cap = ARENA_KEEP
 
 
+# Not tracked by the cyclic GC (no_gc): one per client and long-lived, so
+# every collection of the older generations would walk them all again (a
+# few per cent of the server's CPU in a burst of handshakes), and 16 bytes
+# of GC header each. Nothing is lost: the one cycle through a connection,
+# connection <-> its transport (the transport holds its protocol), is
+# broken in connection_lost, which drops self.transport; until then
+# hub.clients holds the connection anyway (a reference the GC cannot see,
+# so it would never have freed it). hub and room only lead back to
+# connections through C registries, and held is a bytearray.
+@cython.no_gc
 cdef class Connection:
     """One client: the asyncio BufferedProtocol, the frame parser and the
     message rules, and its slices of the arena for this turn. Created by
@@ -866,12 +878,12 @@ cdef class Connection:
     cdef int open(self, object accept) except -1:
         """Act on an Accept: send its 101 response and join its room."""
         cdef bytes response = accept.response
-        self.send_raw(PyBytes_AS_STRING(response), len(response))
         self.deflate = accept.deflate
         self.deflate_window = accept.deflate_window
         self.read_only = accept.read_only
         self.expires_at = accept.expires_at
-        return self.join(accept.room, accept.consumed)
+        return self.join(accept.room, accept.consumed, PyBytes_AS_STRING(response),
+                         len(response))
 
     cdef int grant_fast(self, FastRequest *req) except -1:
         """Access checks on: the gate decides on the token of a request the
@@ -890,27 +902,25 @@ cdef class Connection:
         return self.respond_and_close(answer.response)
 
     cdef int open_fast(self, FastRequest *req, bint read_only, double expires_at) except -1:
-        """An ordinary upgrade proved valid by scan_upgrade: the 101 written
-        straight into the arena, no Python object but the room's name."""
-        cdef Hub hub = self.hub
+        """An ordinary upgrade proved valid by scan_upgrade: the 101 built
+        on the stack, no Python object but the room's name."""
         cdef const char *head = self.inbox.data
         cdef str room_name = PyUnicode_DecodeASCII(head + req.path_start,
                                                    req.path_end - req.path_start, NULL)
-        cdef size_t n = SWITCHING_LEN + ACCEPT_LEN + 4
-        cdef size_t offset = hub.arena_reserve(n)
-        cdef char *out = hub.arena + offset
-        memcpy(out, SWITCHING, SWITCHING_LEN)
-        accept_token(<const uint8_t *>head + req.key_start, out + SWITCHING_LEN)
-        memcpy(out + SWITCHING_LEN + ACCEPT_LEN, b"\r\n\r\n", 4)
-        self.append_slice(offset, n)
+        cdef char response[SWITCHING_LEN + ACCEPT_LEN + 4]
+        memcpy(response, SWITCHING, SWITCHING_LEN)
+        accept_token(<const uint8_t *>head + req.key_start, response + SWITCHING_LEN)
+        memcpy(response + SWITCHING_LEN + ACCEPT_LEN, b"\r\n\r\n", 4)
         self.deflate_window = 15
         self.read_only = read_only
         self.expires_at = expires_at
-        return self.join(room_name, req.consumed)
+        return self.join(room_name, req.consumed, response, sizeof(response))
 
-    cdef int join(self, str room_name, Py_ssize_t consumed) except -1:
-        """Open: join the room, and parse whatever frames followed the
-        request head in the same read (none are lost)."""
+    cdef int join(self, str room_name, Py_ssize_t consumed, const char *response,
+                  size_t n) except -1:
+        """Open: send the 101 (response, n bytes), join the room, and parse
+        whatever frames followed the request head in the same read (none
+        are lost)."""
         cdef Hub hub = self.hub
         cdef Room room
         cdef size_t rest, used
@@ -925,6 +935,7 @@ cdef class Connection:
                 room.pending = not hub.backplane.room_opened(room_name)
         room.add(self)
         self.room = room
+        self.send_upgrade(response, n)
         if room.congested:
             self.set_reading(True)
         hub.connected += 1
@@ -935,6 +946,26 @@ cdef class Connection:
         used = self.parse(self.inbox.data, rest) if rest else 0
         # Keeps only an unfinished frame; an idle connection keeps no buffer.
         self.keep_rest(self.inbox.data, rest, used)
+        return 0
+
+    cdef int send_upgrade(self, const char *response, size_t n) except -1:
+        """The 101 goes to the socket at once when nothing can be ahead of
+        it (plain TCP, no output yet, a room that is not pending: a pending
+        room holds it, see write_pending). An idle connection then never
+        needs slices of the arena, nor a place in the flush; what the
+        socket does not take, or an error, goes the usual way (the flush
+        finds out about a broken peer)."""
+        cdef ssize_t sent = 0
+        if self.direct and self.out.count == 0 and not self.room.pending:
+            while True:
+                sent = send(self.fd, response, n, MSG_NOSIGNAL | MSG_DONTWAIT)
+                if sent >= 0 or errno != EINTR:
+                    break
+            if sent < 0:
+                sent = 0
+            self.hub.bytes_sent += sent
+        if <size_t>sent < n:
+            self.send_raw(response + sent, n - <size_t>sent)
         return 0
 
     cdef int respond_and_close(self, bytes response) except -1:

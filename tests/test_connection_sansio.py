@@ -11,8 +11,10 @@ path is exercised by the end-to-end tests."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import os
+import socket
 import struct
 from typing import Any
 
@@ -211,6 +213,36 @@ def test_request_a_byte_at_a_time_then_frames_in_the_same_read() -> None:
     assert list(relay.hub.rooms) == ["/a b"]
 
 
+def test_on_plain_tcp_the_101_goes_to_the_socket_without_waiting_for_the_flush() -> None:
+    """An idle connection never takes part in a flush: its 101 is sent
+    from the read that completed the request, then a message that came
+    in the same read follows through the flush, in order."""
+    ours, theirs = socket.socketpair()
+
+    class Plain(RecordingTransport):
+        def get_extra_info(self, name: str, default: Any = None) -> Any:
+            return ours if name == "socket" else super().get_extra_info(name, default)
+
+    try:
+        theirs.setblocking(False)
+        relay = Relay()
+        idle, idle_transport = Connection(relay.hub), Plain()
+        idle.connection_made(idle_transport)
+        feed(idle, REQUEST.format(room="/p").encode())
+        assert theirs.recv(4096).startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+        assert relay.loop.soon == [] and idle_transport.writes == []
+        chatty = Connection(relay.hub)
+        chatty.connection_made(Plain())
+        feed(chatty, REQUEST.format(room="/p").encode() + client_frame(Opcode.TEXT, b"hi"))
+        assert theirs.recv(4096).startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+        relay.loop.run_turn()
+        # Both members share one socket here: the message, once per member.
+        assert frames_of(theirs.recv(4096)) == [(True, Opcode.TEXT, b"hi")] * 2
+    finally:
+        ours.close()
+        theirs.close()
+
+
 def test_a_refusal_is_written_then_the_connection_closes() -> None:
     relay = Relay()
     conn, transport = relay.connect()
@@ -370,6 +402,34 @@ def test_rooms_vanish_with_their_last_member() -> None:
     b.connection_lost(None)
     assert relay.hub.rooms == {} and relay.hub.clients_count == 0
     assert relay.hub.counters()["closes"] == {CloseCode.ABNORMAL_CLOSURE: 2}
+
+
+def test_a_closed_connection_is_freed_without_the_cyclic_gc() -> None:
+    """Connection is not GC-tracked, so no cycle may go through it: the one
+    a real transport makes (it holds its protocol) ends in connection_lost,
+    and reference counting alone frees both."""
+    freed: list[str] = []
+
+    class Transport(RecordingTransport):
+        def __del__(self) -> None:
+            freed.append("transport")
+
+    relay = Relay()
+    conn = Connection(relay.hub)
+    transport = Transport()
+    transport.protocol = conn  # type: ignore[attr-defined]
+    conn.connection_made(transport)
+    feed(conn, REQUEST.format(room="/r").encode())
+    relay.loop.run_turn()
+    assert conn.state == State.OPEN and not gc.is_tracked(conn)
+    gc.disable()
+    try:
+        conn.connection_lost(None)
+        del conn, transport
+        assert freed == ["transport"]
+    finally:
+        gc.enable()
+    assert relay.hub.clients_count == 0
 
 
 # -- closing -----------------------------------------------------------------------

@@ -100,20 +100,6 @@ DEF OUTBOUND_KEEP = 65536
 # Opcode and 4-byte length before each message of a packet body.
 DEF ENTRY_HEAD = 5
 
-
-cdef inline size_t entry_length(const unsigned char *p) noexcept:
-    return (<size_t>p[0] << 24) | (<size_t>p[1] << 16) | (<size_t>p[2] << 8) | p[3]
-
-
-cdef bytes entry_head(uint8_t opcode, size_t n):
-    """The head of one message in a packet body (see Hub.queue_outbound)."""
-    cdef unsigned char head[ENTRY_HEAD]
-    head[0] = opcode
-    head[1] = <unsigned char>(n >> 24)
-    head[2] = <unsigned char>(n >> 16)
-    head[3] = <unsigned char>(n >> 8)
-    head[4] = <unsigned char>n
-    return PyBytes_FromStringAndSize(<char *>head, ENTRY_HEAD)
 # After our close frame, at most LINGER_FACTOR x max(max_message_size,
 # LINGER_MIN) bytes from the client are read and dropped before a reset.
 DEF LINGER_FACTOR = 8
@@ -129,6 +115,26 @@ DEF COMPRESS_LEVEL = 6
 DEF SHARE_MIN = 65536
 # At most this many slices per sendmsg (Linux IOV_MAX is 1024).
 DEF MAX_IOV = 512
+
+
+cdef inline void put_entry_head(char *p, uint8_t opcode, size_t n) noexcept:
+    """A message's head in a backplane packet body: opcode, then the
+    payload's length in 4 bytes, big-endian."""
+    p[0] = <char>opcode
+    p[1] = <char>(n >> 24)
+    p[2] = <char>(n >> 16)
+    p[3] = <char>(n >> 8)
+    p[4] = <char>n
+
+
+cdef inline size_t entry_length(const unsigned char *p) noexcept:
+    return (<size_t>p[0] << 24) | (<size_t>p[1] << 16) | (<size_t>p[2] << 8) | p[3]
+
+
+cdef bytes entry_head(uint8_t opcode, size_t n):
+    cdef char head[ENTRY_HEAD]
+    put_entry_head(head, opcode, n)
+    return PyBytes_FromStringAndSize(head, ENTRY_HEAD)
 
 
 cdef class Room:
@@ -617,11 +623,7 @@ cdef class Hub:
         grow(<void **>&room.outbound, &room.outbound_cap, room.outbound_len + ENTRY_HEAD + n, 1,
              1024)
         p = room.outbound + room.outbound_len
-        p[0] = <char>opcode
-        p[1] = <char>(n >> 24)
-        p[2] = <char>(n >> 16)
-        p[3] = <char>(n >> 8)
-        p[4] = <char>n
+        put_entry_head(p, opcode, n)
         if n:
             memcpy(p + ENTRY_HEAD, payload, n)
         room.outbound_len += ENTRY_HEAD + n

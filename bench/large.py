@@ -2,7 +2,9 @@
 with the server's memory before, at the peak of and after the burst.
 
 The 64-byte text machinery of loadgen/wire does not fit messages a thousand
-to sixteen thousand times larger, so this workload has its own small client:
+to sixteen thousand times larger, so this workload has its own small client
+for reading and checking (the connection beneath it, from the check of the
+101 to the close, is connection.ClientConnection, loadgen's too):
 
 - a message is a binary frame whose payload starts with a 16-byte header
   (magic, sender id, sequence number) followed by a fixed random pattern
@@ -33,15 +35,12 @@ import time
 from collections.abc import Callable
 from typing import Optional
 
-from .loadgen import Connector, Member, source_addresses
+from .connection import ClientConnection
+from .frames import BINARY, PONG, frame_header, masked_frame
+from .loadgen import Connector, close_members, source_addresses
 from .meter import Meter, usage_between
 from .records import Bulk, Measured, Verdict
 from .servers import ServerProcess
-
-try:
-    import numpy as np
-except ImportError:  # pragma: no cover
-    np = None
 
 HOST = "127.0.0.1"
 MAGIC = b"FRLG"
@@ -76,16 +75,6 @@ def size_label(size: int) -> str:
     return "%d MiB" % (size >> 20) if size >= 1 << 20 else "%d KiB" % (size >> 10)
 
 
-def frame_header(size: int, masked: bool) -> bytes:
-    """Header of a final binary frame with a `size`-byte payload."""
-    bit = 0x80 if masked else 0
-    if size < 126:
-        return bytes((0x82, bit | size))
-    if size < 1 << 16:
-        return struct.pack("!BBH", 0x82, bit | 126, size)
-    return struct.pack("!BBQ", 0x82, bit | 127, size)
-
-
 class Stream:
     """What every member of a room expects: the pattern and the framing."""
 
@@ -94,7 +83,7 @@ class Stream:
         self.body = size - HEAD.size
         self.pattern = os.urandom(self.body)
         self.pat = memoryview(self.pattern)
-        self.head = frame_header(size, masked=False)
+        self.head = frame_header(BINARY, size, masked=False)
         self.frame = len(self.head) + size  # every server frame has this size
 
     def offset(self, sid: int, seq: int) -> int:
@@ -103,16 +92,6 @@ class Stream:
     def payload(self, sid: int, seq: int) -> bytes:
         k = self.offset(sid, seq)
         return HEAD.pack(MAGIC, sid, seq) + self.pat[k:] + self.pat[:k]
-
-
-def mask(data: bytes, key: bytes) -> bytes:
-    if np is not None:
-        n = len(data)
-        pad = -n % 4
-        words = np.frombuffer(data + b"\0" * pad, dtype=np.uint32)
-        return (words ^ np.frombuffer(key, dtype=np.uint32)[0]).tobytes()[:n]
-    k = int.from_bytes(key * (len(data) // 4 + 1), "big") >> (8 * (4 - len(data) % 4))
-    return (int.from_bytes(data, "big") ^ k).to_bytes(len(data), "big")
 
 
 class LargeRoom:
@@ -154,10 +133,11 @@ class LargeRoom:
                 s.refill()
 
 
-class LargeMember:
+class LargeMember(ClientConnection):
     """Receives and checks every frame (see the module docstring)."""
 
     def __init__(self, room: LargeRoom, sids: list[int]) -> None:
+        super().__init__()
         self.room = room
         self.stream = room.stream
         cap = max(4 * self.stream.frame, 1 << 20)
@@ -168,27 +148,14 @@ class LargeMember:
         self.nbytes = 0
         self.next_seq = {sid: 0 for sid in sids}
         self.watch = INF
-        self.error: Optional[str] = None
-        self.sock = None
-        self.fd = -1
-        self.lost = False
-        self.closing = False
-        self.out: list[bytes] = []
-        self.key = os.urandom(4)
-        self.closed: Optional[asyncio.Future] = None
         room.members.append(self)
 
-    # The Connector calls this with the socket and the response head; the
-    # upgrade check is loadgen.Member's, frames that followed it are kept.
-    def handshake_done(self, sock, head: bytes, accept: bytes) -> None:
-        end = head.find(b"\r\n\r\n")
-        Member.check_response(head[:end], accept)
-        self.sock, self.fd = sock, sock.fileno()
-        rest = head[end + 4 :]
-        self.buf[: len(rest)] = rest
-        self.w = len(rest)
-        self.nbytes += len(rest)
-        self.closed = asyncio.get_running_loop().create_future()
+    def _ingest(self, data: bytes) -> None:
+        # Only ever the frames that came with the 101, into the empty buffer;
+        # start_reading() checks them.
+        self.buf[: len(data)] = data
+        self.w = len(data)
+        self.nbytes += len(data)
 
     def start_reading(self) -> None:
         asyncio.get_running_loop().add_reader(self.fd, self.on_readable)
@@ -260,7 +227,7 @@ class LargeMember:
             return False
         if first == 0x89 and n < 126:
             body = bytes(buf[r + 2 : r + 2 + n])
-            self.write(bytes((0x8A, 0x80 | n)) + self.key + mask(body, self.key))
+            self.write(masked_frame(PONG, body, self.key))
             self.r += 2 + n
             return True
         if first == 0x8A and n < 126:
@@ -279,7 +246,7 @@ class LargeMember:
         if self.error is None:
             self.error = msg
         self.r = self.w  # stop checking this member; the run fails
-        self.stop_reading()
+        self._stop_reading()
 
     def lose(self, why: Optional[str]) -> None:
         """The connection ended: normal after our close frame, an error
@@ -289,67 +256,16 @@ class LargeMember:
         self.lost = True
         if why is not None and not self.closing and self.error is None:
             self.error = why
-        self.stop_reading()
+        self._stop_reading()
         if self.closed is not None and not self.closed.done():
             self.closed.set_result(None)
 
-    def stop_reading(self) -> None:
+    def _stop_reading(self) -> None:
         if self.sock is not None and self.fd >= 0:
             asyncio.get_running_loop().remove_reader(self.fd)
 
-    def write(self, data) -> None:
-        if self.lost:
-            return
-        if self.out:
-            self.out.append(bytes(data))
-            return
-        try:
-            n = self.sock.send(data)
-        except BlockingIOError:
-            n = 0
-        except OSError as exc:
-            self.lose("send: %s" % exc)
-            return
-        if n < len(data):
-            self.out.append(bytes(memoryview(data)[n:]))
-            asyncio.get_running_loop().add_writer(self.fd, self.on_writable)
-
-    def on_writable(self) -> None:
-        while self.out:
-            data = self.out[0]
-            try:
-                n = self.sock.send(data)
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                self.out.clear()
-                asyncio.get_running_loop().remove_writer(self.fd)
-                self.lose("send: %s" % exc)
-                return
-            if n < len(data):
-                self.out[0] = data[n:]
-                return
-            self.out.pop(0)
-        asyncio.get_running_loop().remove_writer(self.fd)
-        self.after_write()
-
-    def after_write(self) -> None:
-        pass
-
-    def close(self) -> None:
-        """Closing handshake: a close frame (1000); `closed` resolves on EOF."""
-        if self.sock is None or self.lost:
-            return
-        self.closing = True
-        self.write(b"\x88\x82" + self.key + mask(b"\x03\xe8", self.key))
-
-    def dispose(self) -> None:
-        if self.sock is not None:
-            self.stop_reading()
-            if self.out:
-                asyncio.get_running_loop().remove_writer(self.fd)
-            self.sock.close()
-            self.sock = None
+    def _send_failed(self, exc: OSError) -> None:
+        self.lose("send: %s" % exc)
 
 
 class LargeSender(LargeMember):
@@ -369,13 +285,13 @@ class LargeSender(LargeMember):
             if self.running:
                 self.refill()
 
-    def after_write(self) -> None:
+    def _out_drained(self) -> None:
         if self.running:
             self.refill()
 
     def refill(self) -> None:
         # One message at a time while the socket takes it whole: a sender
-        # with its output queued waits for on_writable instead.
+        # with its output queued waits for _out_drained() instead.
         room = self.room
         while (
             self.running
@@ -385,8 +301,7 @@ class LargeSender(LargeMember):
             and room.may_send()
         ):
             payload = self.room.stream.payload(self.sid, self.sent)
-            head = frame_header(len(payload), masked=True) + self.key
-            self.write(head + mask(payload, self.key))
+            self.write(masked_frame(BINARY, payload, self.key))
             self.sent += 1
             room.sent_total += 1
         if self.sent >= self.limit:
@@ -443,13 +358,7 @@ async def run_large(server: ServerProcess, w, s, log: Callable[[str], None]) -> 
     finally:
         peak.stop()
         conn.close()
-        for m in members:
-            m.close()
-        pending = [m.closed for m in members if m.closed is not None and not m.closed.done()]
-        if pending:
-            await asyncio.wait(pending, timeout=5)
-        for m in members:
-            m.dispose()
+        await close_members(members)
 
 
 async def drain(members: list[LargeMember], room: LargeRoom, timeout: float) -> bool:

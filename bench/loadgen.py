@@ -30,9 +30,7 @@ Flow control is two-level:
 from __future__ import annotations
 
 import asyncio
-import base64
 import errno
-import hashlib
 import os
 import select
 import socket
@@ -42,14 +40,16 @@ from collections.abc import Callable, Sequence
 from typing import Optional
 
 from . import wire
+from .connection import ClientConnection
+from .frames import PONG, masked_frame
 from .tls import TLSStream
+from .upgrade import HandshakeError, upgrade_request
 from .wire import BLOCK, CFRAME, FRAME, FrameFactory, RefStream, StreamVerifier
 
 VERIFY_AT = 96 * 1024  # bytes buffered by a client before a bulk check
 BUF_SIZE = 128 * 1024  # per-client receive buffer (fixed, never resized)
 SMALL_BUF = 8 * 1024  # for idle clients that receive almost nothing
 INF = 1 << 62
-GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # linux/in.h
 PORTS_PER_SOURCE = 4000  # see source_addresses()
 
@@ -68,21 +68,6 @@ def source_addresses(clients: int) -> list[str]:
     if n > 254:
         raise ValueError("%d clients need more than 254 loopback source addresses" % clients)
     return ["127.0.0.%d" % (i + 1) for i in range(n)]
-
-
-class HandshakeError(Exception):
-    pass
-
-
-def upgrade_request(host: str, port: int, path: str) -> tuple[bytes, bytes]:
-    key = base64.b64encode(os.urandom(16))
-    accept = base64.b64encode(hashlib.sha1(key + GUID).digest())
-    req = (
-        b"GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\n"
-        b"Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\n"
-        b"Sec-WebSocket-Version: 13\r\n\r\n" % (path.encode(), host.encode(), port, key)
-    )
-    return req, accept
 
 
 class Room:
@@ -235,7 +220,7 @@ class Pacer:
         self.ep.close()
 
 
-class Member:
+class Member(ClientConnection):
     """A client in a room that receives and verifies every message."""
 
     def __init__(
@@ -246,14 +231,10 @@ class Member:
         buf_size: int = BUF_SIZE,
         stamped: Optional[bool] = None,
     ) -> None:
+        super().__init__()
         self.room = room
-        self.sock: Optional[socket.socket] = None
-        self.fd = -1
         self.pacer: Optional[Pacer] = None
         self.reading = False
-        self.lost = False
-        self.closing = False
-        self.error: Optional[str] = None
         self.buf_size = buf_size
         self.buf: Optional[bytearray] = None  # allocated on first data
         self.view: Optional[memoryview] = None
@@ -269,38 +250,10 @@ class Member:
             stamped=stamped,
         )
         self.marks: Optional[list] = [] if latency else None
-        self.mask = wire.new_mask()
-        self.out: list[bytes] = []
         self.pings = 0
-        self.closed: Optional[asyncio.Future] = None
         room.add(self)
 
     # -- connection ------------------------------------------------------
-    @staticmethod
-    def check_response(head: bytes, accept: bytes) -> None:
-        """A 101 with the right Sec-WebSocket-Accept, or HandshakeError."""
-        lines = head.decode("latin-1").split("\r\n")
-        if not lines[0].startswith("HTTP/1.1 101"):
-            raise HandshakeError("server answered %r" % lines[0])
-        got = None
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            if name.strip().lower() == "sec-websocket-accept":
-                got = value.strip().encode()
-        if got != accept:
-            raise HandshakeError("bad Sec-WebSocket-Accept %r" % got)
-
-    def handshake_done(self, sock: socket.socket, head: bytes, accept: bytes) -> None:
-        """Check the server's 101 response (head: everything read so far)."""
-        end = head.find(b"\r\n\r\n")
-        self.check_response(head[:end], accept)
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.closed = asyncio.get_running_loop().create_future()
-        rest = head[end + 4 :]
-        if rest:  # frames may follow the 101 response in the same read
-            self._ingest(rest)
-
     def start_reading(self, pacer: Optional[Pacer]) -> None:
         if self.lost or self.reading:
             return
@@ -436,7 +389,7 @@ class Member:
         self._consume(2 + ln)
         if op == 0x89:  # ping -> masked pong with the same payload
             self.pings += 1
-            self.write(b"\x8a" + bytes([0x80 | ln]) + self.mask + wire.mask_bytes(body, self.mask))
+            self.write(masked_frame(PONG, body, self.key))
             return True
         if op == 0x8A:
             return True
@@ -453,66 +406,22 @@ class Member:
     def received(self) -> int:
         return self.verifier.received()
 
-    # -- sending ---------------------------------------------------------
-    def write(self, data) -> None:
-        if self.lost:
-            return
-        if self.out:
-            self.out.append(bytes(data))
-            return
-        try:
-            n = self.sock.send(data)
-        except BlockingIOError:
-            n = 0
-        except OSError as exc:
-            self._lost(exc)
-            return
-        if n < len(data):
-            # Rare with bounded windows: the kernel buffer is full; finish
-            # the write when the socket is writable again.
-            self.out.append(bytes(data[n:]))
-            asyncio.get_running_loop().add_writer(self.fd, self._on_writable)
-
-    def _on_writable(self) -> None:
-        while self.out:
-            data = self.out[0]
-            try:
-                n = self.sock.send(data)
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                self.out.clear()
-                asyncio.get_running_loop().remove_writer(self.fd)
-                self._lost(exc)
-                return
-            if n < len(data):
-                self.out[0] = data[n:]
-                return
-            self.out.pop(0)
-        asyncio.get_running_loop().remove_writer(self.fd)
+    # -- sending and closing ----------------------------------------------
+    def _send_failed(self, exc: OSError) -> None:
+        self._lost(exc)
 
     def close(self) -> None:
-        """Start the closing handshake; `closed` resolves on the server's EOF."""
-        if self.sock is None:
-            return
-        if self.lost:
-            if self.closed is not None and not self.closed.done():
-                self.closed.set_result(None)
-            return
-        self.flush()
-        self.closing = True
-        if not self.reading:
-            self.start_reading(None)
-        self.write(wire.close_frame(self.mask))
+        if self.sock is not None and not self.lost:
+            # Verify what is buffered while it still counts (flush() stops
+            # once closing), and read the server's answer even when paced
+            # reads had stopped.
+            self.flush()
+            if not self.reading:
+                self.start_reading(None)
+        super().close()
 
     def dispose(self) -> None:
-        if self.sock is not None:
-            self._stop_reading()
-            if self.out:
-                asyncio.get_running_loop().remove_writer(self.fd)
-                self.out.clear()
-            self.sock.close()
-            self.sock = None
+        super().dispose()
         self.view = None
 
 
@@ -622,7 +531,7 @@ class Sender(Member):
         while left:
             if not self.block_seq0 <= seq < self.block_seq0 + BLOCK:
                 if self.factory is None:
-                    self.factory = FrameFactory(self.sid, self.mask)
+                    self.factory = FrameFactory(self.sid, self.key)
                 self.block = memoryview(self.factory.block(seq // BLOCK))
                 self.block_seq0 = seq - seq % BLOCK
             off = seq - self.block_seq0
@@ -651,7 +560,7 @@ class Sender(Member):
     def send_stamped(self, k: int) -> None:
         """Send k messages carrying the current time (latency workload)."""
         ts = time.monotonic_ns()
-        sid, key, seq = self.sid, self.mask, self.sent
+        sid, key, seq = self.sid, self.key, self.sent
         self.write(b"".join(wire.client_frame(sid, seq + i, key, ts) for i in range(k)))
         self.sent += k
         self.room.sent_total += k
@@ -938,7 +847,7 @@ async def connect_members(
         conn.close()
 
 
-async def close_members(members: Sequence[Member], timeout: float = 5.0) -> None:
+async def close_members(members: Sequence[ClientConnection], timeout: float = 5.0) -> None:
     """Closing handshake from the client side (the server answers and closes
     the TCP connection), then close whatever is left."""
     try:

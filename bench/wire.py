@@ -16,8 +16,9 @@ the start of that sender's frames and bytes.count() finds a sender's echoes.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
+
+from .frames import TEXT, masked_frame
 
 try:  # numpy makes verification and frame generation vectorised.
     import numpy as np
@@ -28,7 +29,6 @@ PAYLOAD = 64
 FRAME = 66  # server -> client: 2-byte header + payload
 CFRAME = 70  # client -> server: 2-byte header + 4-byte mask + payload
 SERVER_HEADER = b"\x81\x40"
-CLIENT_HEADER = b"\x81\xc0"
 
 SID_W, SEQ_W, TS_W = 6, 10, 19
 SID_OFF = 0
@@ -50,27 +50,8 @@ def sender_marker(sid: int) -> bytes:
     return SERVER_HEADER + b"%06d" % sid
 
 
-def new_mask() -> bytes:
-    # A random non-zero key: a server must really unmask, no zero-key shortcut.
-    while True:
-        key = os.urandom(4)
-        if key != b"\0\0\0\0":
-            return key
-
-
-def mask_bytes(data: bytes, key: bytes) -> bytes:
-    n = len(data)
-    full = (key * (n // 4 + 1))[:n]
-    return (int.from_bytes(data, "little") ^ int.from_bytes(full, "little")).to_bytes(n, "little")
-
-
 def client_frame(sid: int, seq: int, key: bytes, ts: int = 0) -> bytes:
-    return CLIENT_HEADER + key + mask_bytes(payload(sid, seq, ts), key)
-
-
-def close_frame(key: bytes, code: int = 1000) -> bytes:
-    # Masked close frame with a 2-byte status code (opcode 0x8, FIN).
-    return b"\x88\x82" + key + mask_bytes(code.to_bytes(2, "big"), key)
+    return masked_frame(TEXT, payload(sid, seq, ts), key)
 
 
 BLOCK = 1000  # frames per pre-built block; blocks start at multiples of it

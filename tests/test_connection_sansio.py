@@ -707,6 +707,39 @@ def test_a_truncated_packet_delivers_nothing() -> None:
     assert frames_of(out.take()) == []
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    messages=st.lists(
+        st.tuples(st.sampled_from([0, 1, 2, 8, 9, 255]), st.binary(max_size=300)), max_size=6
+    ),
+    garbage=st.binary(max_size=40),
+    start=st.integers(min_value=-2, max_value=12),
+)
+def test_any_packet_is_delivered_whole_or_refused(
+    messages: list[tuple[int, bytes]], garbage: bytes, start: int
+) -> None:
+    """Whatever arrives from Redis (well-formed bodies, any opcode byte,
+    garbage after them, a start anywhere): each text and binary message is
+    relayed as it was, or the packet is refused with ValueError and nothing
+    is relayed. Run under ASan in .ci/sanitizers.sh."""
+    relay = Relay()
+    relay.hub.backplane = RecordingBackplane()
+    member, out = relay.join("/p")
+    packet = b"H" * 9 + packet_body(*messages) + garbage
+    try:
+        count = relay.hub.deliver_packet("/p", packet, start)
+    except ValueError:
+        relay.loop.run_turn()
+        assert frames_of(out.take()) == []
+        return
+    relay.loop.run_turn()
+    got = frames_of(out.take())
+    assert count >= len(got)
+    if start == 9 and not garbage:
+        assert count == len(messages)
+        assert got == [(True, op, p) for op, p in messages if op in (Opcode.TEXT, Opcode.BINARY)]
+
+
 def test_a_busy_room_is_published_in_packets_of_bounded_size() -> None:
     relay = Relay(max_message_size=300_000)
     backplane = relay.hub.backplane = RecordingBackplane()

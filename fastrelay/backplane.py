@@ -65,8 +65,10 @@ _HEAD = struct.Struct(">B8s")
 _HELLO = struct.Struct(">B8s8s")
 _ACK = struct.Struct(">B8s8s8s")
 # A new room's members wait at most this long for the acknowledgements (a
-# subscriber that is not fastrelay, e.g. redis-cli, never sends one).
-ACK_WAIT = 1.0
+# subscriber that is not fastrelay, e.g. redis-cli, never sends one). Long
+# enough for a busy process to answer: one that answers later may not have
+# published what its members sent meanwhile.
+ACK_WAIT = 3.0
 # Bodies of several turns are merged up to this size (the hub's own limit
 # for one turn's body, see PACKET_TARGET in _frames.pyx).
 PACKET_TARGET = 256 * 1024

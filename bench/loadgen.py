@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import os
 import select
 import socket
@@ -731,11 +732,18 @@ class Connector:
         if not members:
             return t0, t0
         self.loop.add_reader(self.ep.fileno(), self._on_events)
+        # Each client leaves a socket and a few containers behind, all kept
+        # to the end: the cyclic collector would rescan them again and again
+        # (a tenth of this loop's CPU) and find nothing to free.
+        gc_was_on = gc.isenabled()
+        gc.disable()
         try:
             for _ in range(min(self.concurrency, len(members))):
                 self._start_one()
             await self.result
         finally:
+            if gc_was_on:
+                gc.enable()
             self.loop.remove_reader(self.ep.fileno())
             for fd, st in list(self.inflight.items()):
                 self.ep.unregister(fd)
@@ -775,6 +783,26 @@ class Connector:
             self._fail(OSError(err, "connect: %s" % os.strerror(err)))
             return
         fd = sock.fileno()
+        if self.tls is None:
+            # Over loopback the TCP handshake is done by the time connect()
+            # returns: send the upgrade request now and wait only for the
+            # answer (one poll round and three syscalls fewer per client).
+            try:
+                sent = sock.send(request)
+            except (BlockingIOError, InterruptedError):
+                pass  # not connected yet: wait for writable as below
+            except OSError as exc:
+                sock.close()
+                self._fail(OSError(exc.errno, "connect: %s" % exc.strerror))
+                return
+            else:
+                if sent != len(request):
+                    sock.close()
+                    self._fail(HandshakeError("upgrade request not sent at once"))
+                    return
+                self.inflight[fd] = [m, sock, None, accept, b""]
+                self.ep.register(fd, select.EPOLLIN)
+                return
         self.inflight[fd] = [m, sock, request, accept, b""]
         self.ep.register(fd, select.EPOLLOUT)
 

@@ -11,6 +11,7 @@ written (_out_drained).
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import socket
 from typing import Optional
@@ -19,7 +20,7 @@ from .frames import close_frame, new_mask
 from .upgrade import check_response
 
 
-class ClientConnection:
+class ClientConnection(abc.ABC):
     def __init__(self) -> None:
         self.sock: Optional[socket.socket] = None
         self.fd = -1
@@ -42,13 +43,14 @@ class ClientConnection:
         if rest:  # frames may follow the 101 response in the same read
             self._ingest(rest)
 
+    @abc.abstractmethod
     def _ingest(self, data: bytes) -> None:
         """Frames that came in the Connector's read of the 101, not in one
         of this connection's own reads."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _stop_reading(self) -> None:
-        raise NotImplementedError
+        """No more reads: the connection is closing or lost."""
 
     # -- writing ---------------------------------------------------------
     def write(self, data) -> None:
@@ -89,10 +91,11 @@ class ClientConnection:
         asyncio.get_running_loop().remove_writer(self.fd)
         self._out_drained()
 
+    @abc.abstractmethod
     def _send_failed(self, exc: OSError) -> None:
-        raise NotImplementedError
+        """A write failed: the subclass records why and gives up the connection."""
 
-    def _out_drained(self) -> None:
+    def _out_drained(self) -> None:  # noqa: B027 (an optional hook: nothing by default)
         """Everything queued is written (a sender may have more to send)."""
 
     # -- ending ----------------------------------------------------------

@@ -39,7 +39,7 @@ from .config import (
 from .control import ControlChannel
 from .keys import SecretError
 from .logs import LogSink, setup_logging
-from .metrics import start_metrics_server, url_host
+from .metrics import MetricsServer, start_metrics_server, url_host
 from .publish_api import LocalRooms, PublishApi
 from .server import Relay
 from .tls import TLSFileError
@@ -137,6 +137,22 @@ def _duration(text: str) -> float:
 def _error(message: str) -> int:
     print(f"fastrelay: error: {message}", file=sys.stderr, flush=True)
     return EXIT_USAGE
+
+
+def announce(
+    cfg: Config, port: int, metrics: MetricsServer | None, api: bool, log: logging.Logger
+) -> None:
+    """Where the relay listens (the line scripts and tests wait for), and
+    its metrics and publish API, on stdout and in the log."""
+    scheme = "wss" if cfg.server.tls.enabled else "ws"
+    lines = [f"fastrelay listening on {scheme}://{url_host(cfg.server.host)}:{port}/"]
+    if metrics is not None:
+        lines.append(f"metrics on {metrics.url}")
+        if api:
+            lines.append(f"publish API on {metrics.url.removesuffix('/metrics')}/publish/<room>")
+    for line in lines:
+        print(line, flush=True)
+        log.info("%s", line)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -307,17 +323,7 @@ async def serve(
             raise _listen_error(sink, "metrics", cfg.metrics.host, cfg.metrics.port, e) from None
 
     if control is None:
-        scheme = "wss" if cfg.server.tls.enabled else "ws"
-        lines = [f"fastrelay listening on {scheme}://{url_host(cfg.server.host)}:{relay.port}/"]
-        if metrics is not None:
-            lines.append(f"metrics on {metrics.url}")
-            if api is not None:
-                lines.append(
-                    f"publish API on {metrics.url.removesuffix('/metrics')}/publish/<room>"
-                )
-        for line in lines:
-            print(line, flush=True)
-            log.info("%s", line)
+        announce(cfg, relay.port, metrics, api is not None, log)
 
     await stop.wait()
     log.info("closing clients with 1001, waiting up to %.1fs", cfg.timeouts.shutdown)

@@ -41,12 +41,12 @@ from typing import Any
 import uvloop
 
 from ._version import __version__
-from .cli import EXIT_INTERRUPTED, EXIT_OK, StartupError, _listen_error
+from .cli import EXIT_INTERRUPTED, EXIT_OK, StartupError, _listen_error, announce
 from .config import Config, api_key
 from .control import ControlChannel
 from .keys import SecretError
 from .logs import LogSink
-from .metrics import METRICS, MetricsServer, start_metrics_server, url_host
+from .metrics import METRICS, MetricsServer, start_metrics_server
 from .publish_api import PublishApi, Unavailable
 
 RESTART_MIN_DELAY = 0.5
@@ -343,19 +343,7 @@ class Supervisor:
             raise failures[0]
         keepers = [asyncio.create_task(self.keep_running(slot)) for slot in self.slots]
         metrics = await self.start_metrics(api)
-        cfg = self.cfg
-        scheme = "wss" if cfg.server.tls.enabled else "ws"
-        port = self.worker_cfg.server.port
-        lines = [f"fastrelay listening on {scheme}://{url_host(cfg.server.host)}:{port}/"]
-        if metrics is not None:
-            lines.append(f"metrics on {metrics.url}")
-            if api is not None:
-                lines.append(
-                    f"publish API on {metrics.url.removesuffix('/metrics')}/publish/<room>"
-                )
-        for line in lines:
-            print(line, flush=True)
-            self.log.info("%s", line)
+        announce(self.cfg, self.worker_cfg.server.port, metrics, api is not None, self.log)
 
         await self.stop.wait()
         self.signal_workers(signal.SIGTERM)

@@ -59,7 +59,6 @@ if TYPE_CHECKING:
 DATA = 1
 HELLO = 2  # then a nonce: "I have subscribed this room; do you publish it?"
 ACK = 3  # then the hello's origin and nonce: "I do, from now on."
-PACKET_VERSION = DATA
 ORIGIN_SIZE = 8
 _HEAD = struct.Struct(">B8s")
 _HELLO = struct.Struct(">B8s8s")
@@ -122,7 +121,7 @@ class RedisBackplane:
         self.queue: list[tuple[str, bytes, int]] = []
         self.control: list[tuple[str, bytes, bytes]] = []
         self.links: dict[str, RoomLink] = {}  # rooms whose subscription is confirmed
-        self.head = _HEAD.pack(PACKET_VERSION, self.origin)
+        self.head = _HEAD.pack(DATA, self.origin)
         self.queued_bytes = 0  # queued plus being published
         self.subscribed: set[bytes] = set()
         self.unsubscribing: set[bytes] = set()  # UNSUBSCRIBE sent, not done
@@ -485,12 +484,13 @@ class RedisBackplane:
                 continue  # ours, back from Redis: local members have it
             try:
                 room = message["channel"][prefix_len:].decode("utf-8")
-                if data[:1] == b"\x01" and len(data) >= _HEAD.size:
+                packet_kind = data[0] if data else 0
+                if packet_kind == DATA and len(data) >= _HEAD.size:
                     self.received += hub.deliver_packet(room, data, _HEAD.size)
-                elif data[:1] == b"\x02" and len(data) == _HELLO.size:
+                elif packet_kind == HELLO and len(data) == _HELLO.size:
                     _, origin, nonce = _HELLO.unpack(data)
                     self.heard_hello(room, origin, nonce)
-                elif data[:1] == b"\x03" and len(data) == _ACK.size:
+                elif packet_kind == ACK and len(data) == _ACK.size:
                     self.heard_ack(room, data)
                 else:
                     raise ValueError("not a fastrelay packet")

@@ -42,6 +42,10 @@ def test_local_rooms_go_on_and_the_backplane_comes_back(relay_factory, tmp_path)
         assert await recv(a1) == text
         assert await recv(a2) == text
 
+    async def both_log(pattern):
+        for relay in (a, b):
+            await asyncio.to_thread(relay.expect, "stderr", pattern, RECOVERY)
+
     async def main():
         a1 = await connect(a.ws(room)).__aenter__()
         a2 = await connect(a.ws(room)).__aenter__()
@@ -49,19 +53,13 @@ def test_local_rooms_go_on_and_the_backplane_comes_back(relay_factory, tmp_path)
         await chat(a1, a2, "before redis")  # local delivery without Redis
 
         server.start()
-        for relay in (a, b):
-            await asyncio.to_thread(
-                relay.expect, "stderr", r"\[INFO\] backplane: connected to Redis", RECOVERY
-            )
+        await both_log(r"\[INFO\] backplane: connected to Redis")
         await asyncio.to_thread(server.wait_subscribers, channel(room), 2)
         await chat(a1, a2, "with redis")
         assert await recv(b1) == "with redis"
 
         server.stop()  # SIGTERM by PID, waited for
-        for relay in (a, b):
-            await asyncio.to_thread(
-                relay.expect, "stderr", r"\[WARN\] backplane: lost Redis at redis://127", RECOVERY
-            )
+        await both_log(r"\[WARN\] backplane: lost Redis at redis://127")
         dropped = metric(a, "websocket_backplane_dropped_total")
         await chat(a1, a2, "during the outage")  # local members still chat
         assert metric(a, "websocket_backplane_dropped_total") == dropped + 1
@@ -69,10 +67,7 @@ def test_local_rooms_go_on_and_the_backplane_comes_back(relay_factory, tmp_path)
         assert readyz(a) == 200
 
         server.start()  # same port
-        for relay in (a, b):
-            await asyncio.to_thread(
-                relay.expect, "stderr", r"\[INFO\] backplane: Redis at .* is back", RECOVERY
-            )
+        await both_log(r"\[INFO\] backplane: Redis at .* is back")
         # Every room with local members was subscribed again.
         await asyncio.to_thread(server.wait_subscribers, channel(room), 2)
         await chat(a1, a2, "after the outage")

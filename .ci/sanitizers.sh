@@ -57,6 +57,7 @@ TESTS=(
     tests/test_compression.py
     tests/test_memory_safety.py
     tests/test_upgrade_fast.py
+    tests/test_hmac_tokens.py
     tests/test_lingering_close.py
     tests/test_backpressure.py
 )

@@ -1,6 +1,7 @@
 # Type stub for the compiled relay (fastrelay/_frames.pyx; layouts in _frames.pxd).
 import asyncio
 import enum
+from collections.abc import Sequence
 from typing import Any, Callable, Protocol
 
 class Opcode(enum.IntEnum):
@@ -123,3 +124,18 @@ class Connection(asyncio.BufferedProtocol):
     peer: str
     def __init__(self, hub: Hub) -> None: ...
     def abort(self) -> None: ...
+
+def base64url_decode_canonical(segment: bytes) -> bytes | None: ...
+
+class HmacTokens:
+    """Accepts plain HMAC tokens (_tokens.pxi); None for anything else."""
+    def __init__(
+        self,
+        secret: bytes,
+        algorithms: Sequence[str],
+        *,
+        audience: str | None,
+        issuer: str | None,
+        leeway: float,
+    ) -> None: ...
+    def claims(self, token: str, now: float | None = None) -> dict[str, Any] | None: ...

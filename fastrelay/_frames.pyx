@@ -40,6 +40,7 @@ include "_codec.pxi"
 include "_utf8.pxi"
 include "_grow.pxi"
 include "_upgrade.pxi"
+include "_tokens.pxi"
 
 
 cdef extern from "Python.h":

@@ -5,6 +5,7 @@ connection, and the auth/api configuration keys with their one-line errors."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import jwt
@@ -129,8 +130,21 @@ def test_leeway_admits_a_token_just_expired():
     assert denial == auth.Denial("unauthorized", "token expired", "invalid_token")
 
 
+@pytest.mark.parametrize(
+    "exp, expires", [(10**400, math.inf), ("99999999999", 99999999999.0), (1e300, 1e300)]
+)
+def test_any_expiry_pyjwt_accepts_is_a_time(exp, expires):
+    """An exp too large for a float (PyJWT compares int(exp)) is the end of
+    time, not an OverflowError in the middle of an upgrade."""
+    grant = auth.Verifier(SECRET, ["HS256"]).check(
+        jwt.encode({"rooms": ["/r"], "exp": exp}, SECRET), "/r"
+    )
+    assert isinstance(grant, auth.Grant)
+    assert grant.expires == expires
+
+
 class CountingVerifier(auth.Verifier):
-    """A Verifier counting the full checks PyJWT makes."""
+    """A Verifier counting its full checks (signature and claims)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -103,8 +103,11 @@ def setups(algorithms: list[str], clients: int, workdir: str) -> list[Setup]:
     return out
 
 
-async def one_run(setup: Setup, clients: int, cpu: int | None, workdir: str) -> tuple[float, float]:
-    """(handshakes/s, server CPU µs per handshake) for one fresh relay."""
+async def one_run(
+    setup: Setup, clients: int, cpu: int | None, workdir: str
+) -> tuple[float, float, float]:
+    """(handshakes/s, server CPU µs per handshake, the load generator's
+    share of its core) for one fresh relay."""
     path = os.path.join(workdir, "relay.yaml")
     with open(path, "w") as f:
         f.write(setup.config)
@@ -120,10 +123,10 @@ async def one_run(setup: Setup, clients: int, cpu: int | None, workdir: str) -> 
                 Member(Room(f"/idle/{i // ROOM_SIZE}{query}", 1 << 40), [1], buf_size=SMALL_BUF)
             )
         meter = Meter(server)
-        cpu0 = meter.server_cpu()
+        cpu0, own0 = meter.server_cpu(), time.process_time()
         t0, t1 = await connect_members(HOST, server.port, members, CONCURRENCY, 120.0)
-        cpu1 = meter.server_cpu()
-        return clients / (t1 - t0), (cpu1 - cpu0) / clients * 1e6
+        cpu1, own1 = meter.server_cpu(), time.process_time()
+        return clients / (t1 - t0), (cpu1 - cpu0) / clients * 1e6, (own1 - own0) / (t1 - t0)
     finally:
         await close_members(members)
         server.stop()
@@ -139,34 +142,39 @@ def main() -> int:
     raise_nofile()
     server_cpu, _, pinning = pin()
     print(pinning, flush=True)
-    results: dict[str, list[tuple[float, float]]] = {}
+    results: dict[str, list[tuple[float, float, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="fastrelay-auth-bench-") as workdir:
         configs = setups(algorithms, args.clients, workdir)
         for rep in range(args.reps):
             shift = rep % len(configs)
             for setup in configs[shift:] + configs[:shift]:
                 try:
-                    rate, cpu_us = asyncio.run(one_run(setup, args.clients, server_cpu, workdir))
+                    run = asyncio.run(one_run(setup, args.clients, server_cpu, workdir))
                 except Exception as e:  # a failed handshake, a relay that did not start
                     print(f"{setup.name}: run failed: {e}", file=sys.stderr)
                     return 1
-                results.setdefault(setup.name, []).append((rate, cpu_us))
+                results.setdefault(setup.name, []).append(run)
                 print(
-                    f"rep {rep + 1} {setup.name:>20}: {rate:8.0f} handshakes/s, "
-                    f"server {cpu_us:6.1f} µs CPU per handshake",
+                    f"rep {rep + 1} {setup.name:>20}: {run[0]:8.0f} handshakes/s, "
+                    f"server {run[1]:6.1f} µs CPU per handshake, load generator {run[2]:.0%}",
                     flush=True,
                 )
-    base_rate = statistics.median(r for r, _ in results["off"])
-    base_cpu = statistics.median(c for _, c in results["off"])
+
+    def median(name: str, column: int) -> float:
+        return statistics.median(run[column] for run in results[name])
+
+    base_rate, base_cpu = median("off", 0), median("off", 1)
     print(f"\nmedian of {args.reps} runs, {args.clients} clients each:")
-    print("| tokens | handshakes/s | vs off | server CPU per handshake | vs off |")
-    print("|---|---|---|---|---|")
+    print(
+        "| tokens | handshakes/s | vs off | server CPU per handshake | vs off "
+        "| load generator CPU |"
+    )
+    print("|---|---|---|---|---|---|")
     for setup in configs:
-        rate = statistics.median(r for r, _ in results[setup.name])
-        cpu_us = statistics.median(c for _, c in results[setup.name])
+        rate, cpu_us = median(setup.name, 0), median(setup.name, 1)
         print(
             f"| {setup.name} | {rate:.0f} | {rate / base_rate - 1:+.1%} | "
-            f"{cpu_us:.1f} µs | {cpu_us / base_cpu - 1:+.1%} |"
+            f"{cpu_us:.1f} µs | {cpu_us / base_cpu - 1:+.1%} | {median(setup.name, 2):.0%} |"
         )
     return 0
 

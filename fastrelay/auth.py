@@ -14,9 +14,14 @@ they all need the one configured key: HMAC with a secret, or RSA, ECDSA or
 EdDSA with a public key. So `alg: none` and an HS256 token "signed" with the
 RSA public key both fail as algorithms not allowed.
 
-Pure apart from the clock PyJWT reads: `Verifier.check` takes the token and
-the room and returns a `Grant` or a `Denial`, which the gate (upgrade.py)
-turns into the 101 or an HTTP refusal.
+PyJWT verifies. An HMAC token in the usual shape goes first to the compiled
+quick check (`_frames.HmacTokens`, _tokens.pxi), which accepts only what
+PyJWT would accept and hands everything else, every refusal included, to
+PyJWT: a new token costs a few microseconds instead of about thirty.
+
+Pure apart from the clock: `Verifier.check` takes the token and the room and
+returns a `Grant` or a `Denial`, which the gate (upgrade.py) turns into the
+101 or an HTTP refusal.
 """
 
 from __future__ import annotations

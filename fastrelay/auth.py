@@ -163,11 +163,12 @@ def _why(error: jwt.PyJWTError) -> str:
 
 def _unix_time(value: object) -> float:
     """A NumericDate claim PyJWT accepted (it takes int(value)) as a float;
-    one too large for a float is the end of time, not an OverflowError."""
+    an int too large for a float is the end (or the start) of time, not an
+    OverflowError."""
     try:
         return float(value)  # type: ignore[arg-type]
     except OverflowError:
-        return math.inf
+        return math.inf if value > 0 else -math.inf  # type: ignore[operator]
 
 
 class _Verified(NamedTuple):

@@ -143,6 +143,13 @@ def test_any_expiry_pyjwt_accepts_is_a_time(exp, expires):
     assert grant.expires == expires
 
 
+def test_a_not_before_far_in_the_past_is_remembered_as_past():
+    verifier = auth.Verifier(SECRET, ["HS256"])
+    ancient = jwt.encode({"rooms": ["/r"], "exp": int(time.time()) + 60, "nbf": -(10**400)}, SECRET)
+    for _ in range(2):  # verified, then found in the memory
+        assert isinstance(verifier.check(ancient, "/r"), auth.Grant)
+
+
 class CountingVerifier(auth.Verifier):
     """A Verifier counting its full checks (signature and claims)."""
 

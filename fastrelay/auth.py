@@ -215,7 +215,7 @@ class Verifier:
         # every other token, and every refusal, is PyJWT's.
         self._quick = (
             HmacTokens(key, algorithms, audience=self._audience, issuer=self._issuer, leeway=leeway)
-            if isinstance(key, bytes)
+            if isinstance(key, bytes) and all(KEY_KINDS.get(a) == _HMAC for a in algorithms)
             else None
         )
         self._verified: OrderedDict[str, _Verified] = OrderedDict()

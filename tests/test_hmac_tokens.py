@@ -25,7 +25,6 @@ from fastrelay._frames import HmacTokens, base64url_decode_canonical
 
 SECRET = b"differential-test-secret-0123456789-abcdefghijklmnopqrstuvwxyz!!"
 OTHER_SECRET = b"another-secret-of-the-same-length-0123456789-abcdefghijklmnopqrs"
-NOW = time.time()
 ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 
 # (audience, issuer, leeway, algorithms) as a relay may be configured.
@@ -94,37 +93,38 @@ def test_non_canonical_spellings_are_refused(segment):
 
 # --- tokens ---------------------------------------------------------------------
 
+# Times at least 100 s from the clock when drawn (the token is checked
+# milliseconds later), so both checks read the same side of every bound.
+OFFSETS = st.integers(min_value=100, max_value=10**6)
 TIMES = st.one_of(
-    st.integers(min_value=100, max_value=10**6).map(lambda d: int(NOW) + d),
-    st.integers(min_value=100, max_value=10**6).map(lambda d: int(NOW) - d),
-    st.floats(min_value=NOW + 100, max_value=NOW + 10**6),
+    OFFSETS.map(lambda d: int(time.time()) + d),
+    OFFSETS.map(lambda d: int(time.time()) - d),
+    st.floats(min_value=100, max_value=10**6).map(lambda d: time.time() + d),
     st.sampled_from([math.nan, math.inf, -math.inf, 10**400, -(10**400), True, False, None]),
-    st.integers(min_value=100, max_value=10**6).map(lambda d: str(int(NOW) + d)),
+    OFFSETS.map(lambda d: str(int(time.time()) + d)),
 )
 STRINGS = st.one_of(st.sampled_from(["relay", "issuer", "other", ""]), st.integers(), st.none())
 AUDIENCES = st.one_of(STRINGS, st.lists(STRINGS, max_size=3))
-HEADERS = st.one_of(
-    st.sampled_from(
-        [
-            {"alg": "HS256", "typ": "JWT"},
-            {"typ": "JWT", "alg": "HS256"},
-            {"alg": "HS256"},
-            {"alg": "HS384", "typ": "JWT"},
-            {"alg": "HS512"},
-            {"alg": "none", "typ": "JWT"},
-            {"alg": "RS256", "typ": "JWT"},
-            {"alg": "HS256", "typ": "jwt"},
-            {"alg": "HS256", "typ": None},
-            {"alg": "HS256", "kid": 7},
-            {"alg": "HS256", "kid": "k1"},
-            {"alg": "HS256", "crit": ["b64"], "b64": False},
-            {"alg": "HS256", "crit": ["exp"]},
-            {"alg": ["HS256"]},
-            {},
-            ["HS256"],
-            "HS256",
-        ]
-    ),
+HEADERS = st.sampled_from(
+    [
+        {"alg": "HS256", "typ": "JWT"},
+        {"typ": "JWT", "alg": "HS256"},
+        {"alg": "HS256"},
+        {"alg": "HS384", "typ": "JWT"},
+        {"alg": "HS512"},
+        {"alg": "none", "typ": "JWT"},
+        {"alg": "RS256", "typ": "JWT"},
+        {"alg": "HS256", "typ": "jwt"},
+        {"alg": "HS256", "typ": None},
+        {"alg": "HS256", "kid": 7},
+        {"alg": "HS256", "kid": "k1"},
+        {"alg": "HS256", "crit": ["b64"], "b64": False},
+        {"alg": "HS256", "crit": ["exp"]},
+        {"alg": ["HS256"]},
+        {},
+        ["HS256"],
+        "HS256",
+    ]
 )
 OPTIONAL = object()  # a claim left out
 
@@ -141,7 +141,7 @@ def configured_tokens(draw) -> tuple[str, tuple]:
     spelling), so both answers and every reason to decline come up."""
     config = draw(st.sampled_from(CONFIGS))
     audience, issuer, _, algorithms = config
-    future, past = int(NOW) + 3600, int(NOW) - 3600
+    future, past = int(time.time()) + 3600, int(time.time()) - 3600
     plain_headers = [{"alg": a, "typ": "JWT"} for a in algorithms] + [{"alg": algorithms[0]}]
     header = usual(draw, plain_headers, HEADERS)
     claims: dict[str, object] = {}
@@ -203,8 +203,9 @@ def test_the_usual_tokens_take_the_quick_path(config):
         audience=audience or "",
         issuer=issuer or "",
     )
-    claims: dict[str, object] = {"rooms": ["/a"], "publish": True, "exp": NOW + 600.5}
-    claims.update({"nbf": int(NOW) - 10, "iat": int(NOW) - 10, "jti": "j-1"})
+    now = time.time()
+    claims: dict[str, object] = {"rooms": ["/a"], "publish": True, "exp": now + 600.5}
+    claims.update({"nbf": int(now) - 10, "iat": int(now) - 10, "jti": "j-1"})
     if audience:
         claims["aud"] = [audience, "other"]
     if issuer:
@@ -225,10 +226,13 @@ def test_the_quick_check_never_accepts_an_unverified_or_expired_token():
     assert quick.claims(auth.mint(SECRET, "HS256", ["/a"], -10)) is None
     assert quick.claims(f"{head}.{body}.") is None
     assert quick.claims(f"{head}.{body}") is None
-    assert quick.claims(jwt.encode({"rooms": [], "exp": NOW + 60}, "", algorithm="none")) is None
+    assert (
+        quick.claims(jwt.encode({"rooms": [], "exp": time.time() + 60}, "", algorithm="none"))
+        is None
+    )
     assert quick.claims(f"{head}.{body}.{signature}é") is None
     # an expired token is expired at the moment it is asked about
-    assert quick.claims(good, now=NOW + 10**6) is None
+    assert quick.claims(good, now=time.time() + 10**6) is None
 
 
 def test_the_verifier_asks_pyjwt_only_when_the_quick_check_declines(monkeypatch):
@@ -245,7 +249,7 @@ def test_the_verifier_asks_pyjwt_only_when_the_quick_check_declines(monkeypatch)
     assert isinstance(verifier.check(plain, "/a"), auth.Grant)
     assert calls == []
     with_kid = jwt.encode(
-        {"rooms": ["/a"], "exp": NOW + 600}, SECRET, algorithm="HS256", headers={"kid": "k"}
+        {"rooms": ["/a"], "exp": time.time() + 600}, SECRET, algorithm="HS256", headers={"kid": "k"}
     )
     assert isinstance(verifier.check(with_kid, "/a"), auth.Grant)
     expired = auth.mint(SECRET, "HS256", ["/a"], -10)
